@@ -1,0 +1,51 @@
+"""Omni 3D rotary position embedding (M-RoPE with time, height and width components).
+
+Each token carries three position ids (t, h, w). The head dimension's rotary frequency pairs are split into three
+contiguous sections (`config.mrope_section`, e.g. 16/24/24 of 64 pairs): the lowest frequencies' section rotates with t,
+the next with h, the last with w. Text tokens carry the same id on all three rows, so the rotation is exactly 1-D RoPE.
+How the ids are assigned to image, video and audio tokens lives in `positions.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_omni_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k: [B, heads, T, head_dim]; cos/sin: [B, T, head_dim]."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class OmniRotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, rope_theta: float, mrope_section: list[int]):
+        super().__init__()
+        if sum(mrope_section) != head_dim // 2:
+            raise ValueError(f"mrope_section {mrope_section} must sum to head_dim // 2 = {head_dim // 2}")
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # component_of_freq[j] in {0, 1, 2}: which position row (t, h, w) drives frequency pair j
+        component = torch.tensor([c for c, n in enumerate(mrope_section) for _ in range(n)])
+        self.register_buffer("component_of_freq", component, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: [3, B, T] (or [B, T] for plain 1-D positions). Returns cos, sin: [B, T, head_dim] in x.dtype."""
+        if position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
+        # [3, B, T, half] angles for every component, then each frequency pair picks its own component's angle
+        angles = position_ids.to(device=x.device, dtype=torch.float).unsqueeze(-1) * inv_freq
+        index = self.component_of_freq.to(x.device).view(1, 1, 1, -1).expand(1, *angles.shape[1:])
+        freqs = angles.gather(0, index).squeeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)

@@ -1,0 +1,192 @@
+"""Upcycling: a dense HF Qwen2 / Llama checkpoint (+ vision / audio encoder checkpoints) -> `OmniMoeForCausalLM`.
+
+Attention, norms, embeddings and the LM head are copied. In MoE layers every routed expert is initialised from the
+dense FFN: `"copy"` (the whole FFN; optional noise) or `"slice"` (expert e takes slice e mod s of the FFN's intermediate
+dimension, s = intermediate_size // moe_intermediate_size). The shared expert takes the dense FFN's gate/up weights with
+a zero down projection, so it starts as a no-op and learns from there.
+
+Why that shared-expert init: with copied experts and renormalised top-k weights the routed output already equals the
+dense FFN, so the layer reproduces the dense model exactly at init only if the shared path adds nothing — and a
+sigmoid gate cannot output 0 (a zero gate weight gives 0.5). A zero down projection does, and still receives gradients.
+Exactness also needs `num_null_experts == 0` (a token routed to a null expert gets a scaled-down output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from .configuration_omni import OmniMoeConfig
+from .encoders import AudioEncoder, VisionEncoder
+from .modeling_omni import OmniMoeForCausalLM
+
+LLM_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
+def dense_llm_fields(dense_config) -> dict[str, Any]:
+    """The LLM part of an OmniMoeConfig, read off a Qwen2 / Llama config."""
+    if dense_config.model_type not in ("qwen2", "llama"):
+        raise ValueError(f"upcycling supports qwen2 and llama checkpoints, got model_type={dense_config.model_type!r}")
+    fields = {k: getattr(dense_config, k) for k in LLM_FIELDS if getattr(dense_config, k, None) is not None}
+    rope = getattr(dense_config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported by Omni 3D RoPE (only default RoPE)")
+    fields["rope_theta"] = rope.get("rope_theta", getattr(dense_config, "rope_theta", 10000.0))
+    fields["head_dim"] = getattr(dense_config, "head_dim", None) or dense_config.hidden_size // dense_config.num_attention_heads
+    # Qwen2 always has q/k/v biases; Llama has them only when attention_bias is set (and then on o_proj too, unsupported).
+    if dense_config.model_type == "qwen2":
+        fields["attention_bias"] = True
+    else:
+        if getattr(dense_config, "attention_bias", False):
+            raise ValueError("Llama checkpoints with attention_bias=True (o_proj bias) are not supported")
+        fields["attention_bias"] = False
+    return fields
+
+
+def encoder_config(path: str, kind: str):
+    """The vision (CLIP/SigLIP, full or vision-only) or audio (Whisper) config of a local checkpoint."""
+    config = AutoConfig.from_pretrained(path)
+    if kind == "vision":
+        config = getattr(config, "vision_config", None) or config
+        if config.model_type not in ("clip_vision_model", "siglip_vision_model"):
+            raise ValueError(f"{path}: not a CLIP or SigLIP checkpoint (model_type={config.model_type!r})")
+    elif config.model_type != "whisper":
+        raise ValueError(f"{path}: not a Whisper checkpoint (model_type={config.model_type!r})")
+    return config
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint directory."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
+    tensors = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def upcycle(
+    dense_path: str,
+    vision_path: str | None = None,
+    audio_path: str | None = None,
+    expert_init: str = "copy",
+    noise_std: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **moe_config: Any,
+) -> OmniMoeForCausalLM:
+    """Build the MoE model from local checkpoint directories. `moe_config` holds every non-LLM OmniMoeConfig field."""
+    if expert_init not in ("copy", "slice"):
+        raise ValueError(f"expert_init must be 'copy' or 'slice', got {expert_init!r}")
+    dense_config = AutoConfig.from_pretrained(dense_path)
+    fields = dense_llm_fields(dense_config)
+    clash = sorted(set(fields) & set(moe_config) - {"pad_token_id", "bos_token_id", "eos_token_id", "vocab_size"})
+    if clash:
+        raise ValueError(f"{clash} come from the dense checkpoint {dense_path}; do not pass them")
+    if vision_path is not None:
+        moe_config["vision_config"] = encoder_config(vision_path, "vision")
+    if audio_path is not None:
+        moe_config["audio_config"] = encoder_config(audio_path, "audio")
+    config = OmniMoeConfig(**{**fields, **moe_config})
+    if expert_init == "slice" and config.intermediate_size % config.moe_intermediate_size:
+        raise ValueError(
+            f"slice init needs intermediate_size ({config.intermediate_size}) divisible by "
+            f"moe_intermediate_size ({config.moe_intermediate_size})"
+        )
+    if expert_init == "copy" and config.moe_intermediate_size != config.intermediate_size:
+        raise ValueError("copy init needs moe_intermediate_size == intermediate_size (use expert_init='slice')")
+
+    model = OmniMoeForCausalLM(config)
+    dense = read_safetensors_dir(dense_path)
+    generator = torch.Generator().manual_seed(seed)
+    state = build_upcycled_state(model, dense, expert_init, noise_std, generator)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # new by design: media tower, routers and shared-expert gates keep their fresh init
+    new_params = ("media.", ".mlp.gate.", ".mlp.shared_expert_gate.")
+    llm_missing = [k for k in missing if not any(p in k or k.startswith(p) for p in new_params) and k != "lm_head.weight"]
+    if llm_missing or unexpected:
+        raise ValueError(f"upcycling {dense_path}: missing {llm_missing[:8]}, unexpected {unexpected[:8]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if vision_path is not None:
+        model.media.vision_encoder.load_state_dict(VisionEncoder.from_pretrained(vision_path).state_dict())
+    if audio_path is not None:
+        model.media.audio_encoder.load_state_dict(AudioEncoder.from_pretrained(audio_path).state_dict())
+    return model.to(dtype)
+
+
+def build_upcycled_state(model, dense: dict[str, torch.Tensor], expert_init: str, noise_std: float, generator) -> dict:
+    config = model.config
+    state: dict[str, torch.Tensor] = {}
+    own = model.state_dict()
+    for key, value in dense.items():
+        if ".mlp." in key and _layer_index(key) is not None and config.is_moe_layer(_layer_index(key)):
+            continue  # MoE layers are filled below
+        if key in own:
+            state[key] = value
+        elif key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        else:
+            raise ValueError(f"dense checkpoint tensor {key!r} has no place in the MoE model")
+    for i, layer in enumerate(model.model.layers):
+        if not layer.is_moe:
+            continue
+        prefix = f"model.layers.{i}.mlp."
+        gate, up, down = (dense[prefix + f"{p}_proj.weight"] for p in ("gate", "up", "down"))
+        n_experts, ffn = layer.mlp.experts.num_experts, config.moe_intermediate_size
+        n_slices = config.intermediate_size // ffn
+        gate_up, downs = [], []
+        for e in range(n_experts):
+            j = e % n_slices if expert_init == "slice" else 0
+            rows = slice(j * ffn, (j + 1) * ffn)
+            gu = torch.cat([gate[rows], up[rows]], dim=0).clone()
+            dn = down[:, rows].clone()
+            if noise_std > 0:
+                gu += noise_std * gu.std() * torch.randn(gu.shape, generator=generator).to(gu.dtype)
+                dn += noise_std * dn.std() * torch.randn(dn.shape, generator=generator).to(dn.dtype)
+            gate_up.append(gu)
+            downs.append(dn)
+        state[prefix + "experts.gate_up_proj"] = torch.stack(gate_up)
+        state[prefix + "experts.down_proj"] = torch.stack(downs)
+        if config.num_shared_experts:
+            size = config.shared_expert_intermediate_size
+            if size > gate.shape[0]:
+                raise ValueError(f"shared_expert_intermediate_size {size} > dense intermediate_size {gate.shape[0]}")
+            state[prefix + "shared_expert.gate_proj.weight"] = gate[:size].clone()
+            state[prefix + "shared_expert.up_proj.weight"] = up[:size].clone()
+            state[prefix + "shared_expert.down_proj.weight"] = torch.zeros_like(down[:, :size])
+    return state
+
+
+def _layer_index(key: str) -> int | None:
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
+        return int(parts[2])
+    return None

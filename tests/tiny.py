@@ -1,0 +1,59 @@
+"""Tiny configs shared by the tests: small enough for 2 CPU cores, real enough to run every code path."""
+
+from __future__ import annotations
+
+from transformers import CLIPVisionConfig, Qwen2Config, SiglipVisionConfig, WhisperConfig
+
+from modeling.configuration_omni import OmniMoeConfig
+
+VOCAB = 96
+# placeholder ids live at the top of the tiny vocabulary
+IMAGE_ID, VIDEO_ID, AUDIO_ID = VOCAB - 3, VOCAB - 2, VOCAB - 1
+
+
+def tiny_vision_config(kind: str = "clip", **kw):
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    common.update(kw)
+    return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
+
+
+def tiny_audio_config(**kw):
+    common = dict(
+        num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, max_source_positions=50,
+        max_target_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        decoder_start_token_id=1,
+    )
+    common.update(kw)
+    return WhisperConfig(**common)
+
+
+def tiny_llm_fields(**kw):
+    fields = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    fields.update(kw)
+    return fields
+
+
+def tiny_config(media: bool = True, **kw) -> OmniMoeConfig:
+    fields = tiny_llm_fields()
+    fields.update(
+        num_intra_experts=2, num_inter_experts=2, num_shared_experts=1, num_null_experts=1, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, audio_token_id=AUDIO_ID, pad_token_id=0, eos_token_id=1,
+    )
+    if media:
+        fields.update(vision_config=tiny_vision_config(), audio_config=tiny_audio_config())
+    fields.update(kw)
+    return OmniMoeConfig(**fields)
+
+
+def tiny_qwen2_config(**kw) -> Qwen2Config:
+    fields = tiny_llm_fields()
+    theta = fields.pop("rope_theta")
+    fields.update(rope_parameters={"rope_type": "default", "rope_theta": theta}, pad_token_id=0, eos_token_id=1)
+    fields.update(kw)
+    return Qwen2Config(**fields)

@@ -1,0 +1,76 @@
+"""The dependency direction omni -> training -> {modeling, data}, and modeling/'s import whitelist.
+
+modeling/ ships next to exported weights (trust_remote_code), so it may import only torch, transformers, safetensors,
+numpy, the standard library, and its own files through relative imports.
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELING_ALLOWED = {"torch", "transformers", "safetensors", "numpy"} | set(sys.stdlib_module_names) | {"__future__"}
+FORBIDDEN = {
+    "modeling": {"training", "omni", "data", "deepspeed", "peft", "webdataset", "accelerate"},
+    "data": {"training", "omni"},
+    "training": {"omni"},
+}
+
+
+def imports_of(path: Path):
+    """(top-level module, level, line) for every import statement in a file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], 0, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            yield (node.module or "").split(".")[0], node.level, node.lineno
+
+
+def python_files(package: str):
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_upward_imports(package):
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {mod}"
+        for path in python_files(package)
+        for mod, level, line in imports_of(path)
+        if level == 0 and mod in FORBIDDEN[package]
+    ]
+    assert not bad, "imports against the layering omni -> training -> {modeling, data}:\n" + "\n".join(bad)
+
+
+def test_modeling_imports_only_whitelist_and_relative():
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {mod or '.'}"
+        for path in python_files("modeling")
+        for mod, level, line in imports_of(path)
+        if level == 0 and mod not in MODELING_ALLOWED
+    ]
+    assert not bad, "modeling/ may import only torch, transformers, safetensors, numpy, stdlib and itself:\n" + "\n".join(bad)
+
+
+def test_modeling_is_flat():
+    """Exported folders are flat: modeling/ has no sub-packages, and relative imports go one level only."""
+    nested = [p for p in python_files("modeling") if p.parent != ROOT / "modeling"]
+    assert not nested, f"modeling/ must stay flat for trust_remote_code export: {nested}"
+    deep = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in python_files("modeling")
+        for mod, level, line in imports_of(path)
+        if level > 1
+    ]
+    assert not deep, f"relative imports beyond the modeling/ folder: {deep}"
+
+
+def test_checker_sees_a_violation(tmp_path):
+    """The checker itself must flag a bad import (guards against a parser that silently finds nothing)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import deepspeed\nfrom training.loop import x\nfrom . import sibling\n")
+    found = {(mod, level) for mod, level, _ in imports_of(bad)}
+    assert ("deepspeed", 0) in found and ("training", 0) in found and ("", 1) in found
