@@ -1,0 +1,159 @@
+"""Media decoding from bytes: images (PIL, RGB), audio (soundfile, fallback `wave`; mono; resampled),
+video (frame images, or a container file through PyAV when installed).
+
+Decoders raise `SampleRejected` for bad data (counted by the caller's policy) and
+`MediaDecoderUnavailable` for a missing optional decoder (an environment problem). Nothing here
+ever unpickles: the member formats we decode are image, audio and video codecs only.
+"""
+
+from __future__ import annotations
+
+import io
+import wave
+
+import numpy as np
+from PIL import Image
+
+from .quality import (
+    AUDIO_DECODE,
+    EMPTY_AUDIO,
+    EMPTY_VIDEO,
+    IMAGE_DECODE,
+    VIDEO_DECODE,
+    MediaDecoderUnavailable,
+    SampleRejected,
+)
+
+IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"})
+AUDIO_EXTENSIONS = frozenset({"wav", "flac", "ogg", "mp3"})
+VIDEO_CONTAINER_EXTENSIONS = frozenset({"mp4", "avi", "mkv", "webm", "mov", "m4v"})
+# Formats that can carry pickled Python objects (torch.save, joblib, numpy object arrays,
+# webdataset's "pyd"). Shard members with these extensions are rejected and never read.
+PICKLE_EXTENSIONS = frozenset({"pkl", "pickle", "pyd", "pth", "pt", "ckpt", "joblib", "npy", "npz"})
+
+
+def extension(name: str) -> str:
+    """Lower-case last extension of a file or member name ('' when there is none)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def decode_image(data: bytes, what: str, *, reason: str = IMAGE_DECODE) -> Image.Image:
+    """Fully decode (so a truncated file fails here, not later in the processor) and convert to RGB."""
+    if not data:
+        raise SampleRejected(reason, f"{what} is a zero-byte file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise SampleRejected(reason, f"{what} does not decode as an image ({exc})") from None
+
+
+def _read_with_soundfile(data: bytes) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return samples, int(rate)
+
+
+def _read_with_wave(data: bytes) -> tuple[np.ndarray, int]:
+    """PCM WAV through the standard library, for machines without libsndfile."""
+    with wave.open(io.BytesIO(data), "rb") as reader:
+        channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
+        raw = reader.readframes(reader.getnframes())
+    if width == 1:
+        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        samples = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        triplets = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = triplets[:, 0] | (triplets[:, 1] << 8) | (triplets[:, 2] << 16)
+        samples = (np.where(ints >= 1 << 23, ints - (1 << 24), ints)).astype(np.float32) / float(1 << 23)
+    elif width == 4:
+        samples = np.frombuffer(raw, dtype="<i4").astype(np.float32) / float(1 << 31)
+    else:
+        raise ValueError(f"unsupported WAV sample width {width} bytes")
+    return samples.reshape(-1, channels), rate
+
+
+def resample_audio(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Band-limited resampling of a 1-D signal via the FFT (ideal low-pass when downsampling).
+
+    Treats the clip as one period, so the edges may ring slightly; exact for periodic content.
+    """
+    if orig_rate == target_rate:
+        return samples
+    n_in = samples.shape[0]
+    n_out = max(1, int(round(n_in * target_rate / orig_rate)))
+    spectrum = np.fft.rfft(samples.astype(np.float64))
+    keep = min(spectrum.shape[0], n_out // 2 + 1)
+    out_spectrum = np.zeros(n_out // 2 + 1, dtype=np.complex128)
+    out_spectrum[:keep] = spectrum[:keep]
+    return (np.fft.irfft(out_spectrum, n=n_out) * (n_out / n_in)).astype(np.float32)
+
+
+def decode_audio(data: bytes, what: str, *, target_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Bytes -> (mono float32 samples in [-1, 1], sampling rate). Stereo is averaged to mono."""
+    if not data:
+        raise SampleRejected(AUDIO_DECODE, f"{what} is a zero-byte file")
+    errors = []
+    for reader in (_read_with_soundfile, _read_with_wave):
+        try:
+            samples, rate = reader(data)
+            break
+        except Exception as exc:  # any reader failure means "try the next one"; both failing is the verdict
+            errors.append(f"{reader.__name__.removeprefix('_read_with_')}: {exc}")
+    else:
+        raise SampleRejected(AUDIO_DECODE, f"{what} does not decode as audio ({'; '.join(errors)})")
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if mono.shape[0] == 0:
+        raise SampleRejected(EMPTY_AUDIO, f"{what} holds 0 audio samples")
+    if not np.isfinite(mono).all():
+        raise SampleRejected(AUDIO_DECODE, f"{what} contains NaN/inf samples")
+    if target_rate is not None and rate != target_rate:
+        mono, rate = resample_audio(mono, rate, target_rate), target_rate
+    return np.ascontiguousarray(mono, dtype=np.float32), rate
+
+
+def decode_video_frames(frames: list[bytes], what: str) -> list[Image.Image]:
+    """A video stored as frame images -> list of RGB frames."""
+    if not frames:
+        raise SampleRejected(EMPTY_VIDEO, f"{what} has 0 frames")
+    return [decode_image(data, f"{what} frame {i}", reason=VIDEO_DECODE) for i, data in enumerate(frames)]
+
+
+def have_video_container_decoder() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def decode_video_container(data: bytes, what: str) -> tuple[list[Image.Image], float | None]:
+    """An mp4/webm/... file -> (RGB frames, fps) through PyAV. Raises `MediaDecoderUnavailable`
+    naming the sample when PyAV is not installed."""
+    try:
+        import av
+    except ImportError:
+        raise MediaDecoderUnavailable(
+            f"{what} is a video container file; decoding it needs PyAV (`pip install av`, the 'video' "
+            f"extra), which is not installed. Install it, or store the video as frame images."
+        ) from None
+    if not data:
+        raise SampleRejected(VIDEO_DECODE, f"{what} is a zero-byte file")
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise SampleRejected(EMPTY_VIDEO, f"{what} has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+    except SampleRejected:
+        raise
+    except Exception as exc:  # PyAV raises a family of FFmpeg errors; all mean "corrupt container"
+        raise SampleRejected(VIDEO_DECODE, f"{what} does not decode as video ({exc})") from None
+    if not frames:
+        raise SampleRejected(EMPTY_VIDEO, f"{what} has 0 frames")
+    return frames, fps

@@ -1,0 +1,471 @@
+"""The synthetic omni dataset: real media files plus conversations a tiny model can learn.
+
+`generate(out_dir, seed=0, num=4400)` writes, deterministically and in a few seconds:
+
+    out_dir/train.jsonl, val.jsonl, test.jsonl      canonical samples (one JSON object a line)
+    out_dir/images/<split>/<index>.png              32x32 RGB: one shape, colour, quadrant
+    out_dir/videos/<split>/<index>/f0..f3.png       4 frames of a shape moving left/right/up/down
+    out_dir/audio/<split>/<index>.wav               16 kHz mono 16-bit DTMF-like digit tones (< 1 s)
+
+Media paths in the manifests are relative to `out_dir` (the media root for the shard writer,
+`data.shards.build_shards(manifest, media_root=out_dir, ...)`, which this module does not call).
+
+Sizes: `num` is the number of TRAIN samples in total; every other split gets `eval_num`
+(default `num // 10`); a mapping `splits={"train": n, ...}` sets each count directly. Tasks are
+mixed round-robin (sample i has task `tasks[i % len(tasks)]`), so every task gets the same share.
+
+Determinism: each split draws from its own seed `seed * 1000 + SPLIT_INDEX[split]`, and each
+sample from `(split_seed, index)` alone, so a sample's content depends on nothing but its seed,
+split and index (generating only "test" gives the same test files as generating all splits).
+Attribute combinations (shape x colour x position, shape x direction, digit count) are drawn
+stratified: each task cycles through a fresh permutation of all combinations, so answers are
+balanced and every combination appears once `num` covers a cycle.
+
+Design choices that keep it learnable (GUIDE §6, "Learnability calibration"): a 32 px canvas,
+shapes ~0.34-0.41 of the canvas inside one quadrant (large shapes made shape recognition easy),
+six well-separated hues, DTMF-like tone pairs spread far apart on the mel scale, clips within one
+1 s Whisper chunk, short exact answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DATASET_NAME = "synth"
+SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+DEFAULT_NUM = 4400  # 400 train samples per task
+DEFAULT_IMAGE_SIZE = 32
+
+SHAPES = ("circle", "square", "triangle", "cross")
+# Hues spread around the colour wheel (~40-70 degrees apart) so a 32 px patch is unambiguous.
+COLOURS = {
+    "red": (220, 30, 30),
+    "yellow": (235, 215, 25),
+    "green": (30, 185, 45),
+    "cyan": (25, 205, 215),
+    "blue": (35, 65, 235),
+    "purple": (155, 45, 215),
+}
+COLOURS_LIST = tuple(COLOURS)
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+DIRECTIONS = ("left", "right", "up", "down")
+COLOUR_JITTER = 18  # per channel, so images never repeat exactly and colour is a range, not a value
+MAX_BACKGROUND = 40  # dark grey background level in [0, MAX_BACKGROUND]
+
+SAMPLE_RATE = 16000
+MAX_CLIP_SECONDS = 1.0  # tiny Whisper configs use 1 s chunks
+# DTMF-like keypad: digit -> (low tone, high tone). Real DTMF tones are ~70 Hz apart; these are
+# >= 200 Hz (low group) and >= 650 Hz (high group) apart, several 80-bin log-mel bins each.
+LOW_TONES_HZ = (450.0, 650.0, 900.0, 1250.0)
+HIGH_TONES_HZ = (1750.0, 2400.0, 3300.0)
+DIGIT_TONES = {
+    str(d): (LOW_TONES_HZ[(d - 1) // 3], HIGH_TONES_HZ[(d - 1) % 3]) for d in range(1, 10)
+} | {"0": (LOW_TONES_HZ[3], HIGH_TONES_HZ[1])}
+DIGIT_COUNTS = (2, 3, 4)
+TONE_SECONDS = (0.12, 0.16)
+GAP_SECONDS = (0.06, 0.09)
+LEAD_SECONDS = (0.02, 0.05)
+TAIL_SECONDS = 0.02
+FADE_SECONDS = 0.008  # raised-cosine edges: no clicks smearing energy over all frequencies
+NOISE_STD = 0.003
+
+VIDEO_FRAMES = 4
+VIDEO_FPS = 2.0
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True)
+class SynthTask:
+    """A task: its modality and the question phrasings (`str.format` templates)."""
+
+    name: str
+    modality: str
+    phrasings: tuple[str, ...]
+
+
+def _task(name: str, modality: str, *phrasings: str) -> tuple[str, SynthTask]:
+    return name, SynthTask(name, modality, phrasings)
+
+
+TASKS: dict[str, SynthTask] = dict([
+    _task("image_caption", "image", "Describe the image.", "What is in the picture?",
+          "Give a short caption for this image.", "Caption the image."),
+    _task("image_colour", "image", "What colour is the shape?", "Which colour is the shape?",
+          "What is the colour of the shape?"),
+    _task("image_shape", "image", "What shape is this?", "Which shape is shown?",
+          "What kind of shape is in the image?"),
+    _task("image_position", "image", "Where is the shape?", "In which corner is the shape?",
+          "Where in the image is the shape located?"),
+    _task("audio_transcribe", "audio", "Transcribe the digits.", "What digits are played?",
+          "Which digits do you hear?"),
+    _task("audio_count", "audio", "How many beeps?", "How many beeps are there?",
+          "How many tones do you hear?"),
+    _task("video_direction", "video", "Which way does the {shape} move?",
+          "In which direction is the {shape} moving?", "Where does the {shape} go?"),
+    _task("video_shape", "video", "What shape is moving?", "Which shape moves in the video?",
+          "What kind of shape is in the video?"),
+    _task("text_copy", "text", "Repeat: {seq}", "Copy this: {seq}", "Say exactly this: {seq}"),
+    _task("text_reverse", "text", "Reverse: {seq}", "Write this backwards: {seq}",
+          "Reverse the order: {seq}"),
+    _task("text_add", "text", "What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?",
+          "What is the sum of {a} and {b}?"),
+])
+
+_MARKERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
+_IMAGE_COMBOS = [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
+_VIDEO_COMBOS = [(s, d) for s in SHAPES for d in DIRECTIONS]
+_STRATA_STREAM, _SAMPLE_STREAM = 1, 2  # separate SeedSequence namespaces per split
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip, collapse whitespace and drop one trailing period."""
+    text = " ".join(text.split()).lower()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+def score(prediction: str, answer: str) -> bool:
+    """Exact match after `normalize_answer` on both sides (eval of the synthetic tasks)."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def split_seed(seed: int, split: str) -> int:
+    """The split's own seed; distinct for every (seed >= 0, split) pair."""
+    if split not in SPLIT_INDEX:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_INDEX)}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return seed * 1000 + SPLIT_INDEX[split]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _jittered_colour(rng: np.random.Generator, name: str) -> tuple[int, int, int]:
+    base = np.array(COLOURS[name])
+    return tuple(int(v) for v in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, size: int, fill) -> None:
+    """Draw `shape` filling the box [x0, x0 + size) x [y0, y0 + size), without antialiasing."""
+    x1, y1 = x0 + size - 1, y0 + size - 1
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    elif shape == "cross":
+        bar = max(2, round(size / 3))
+        lo = x0 + (size - bar) // 2
+        top = y0 + (size - bar) // 2
+        draw.rectangle((lo, y0, lo + bar - 1, y1), fill=fill)
+        draw.rectangle((x0, top, x1, top + bar - 1), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _canvas(size: int, background: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (size, size), (background,) * 3)
+    return image, ImageDraw.Draw(image)
+
+
+def render_image(render: Mapping[str, Any], image_size: int) -> Image.Image:
+    image, draw = _canvas(image_size, render["background"])
+    _draw_shape(draw, render["shape"], render["x0"], render["y0"], render["size"], tuple(render["rgb"]))
+    return image
+
+
+def render_video(render: Mapping[str, Any], image_size: int) -> list[Image.Image]:
+    frames = []
+    for x0, y0 in render["path"]:
+        image, draw = _canvas(image_size, render["background"])
+        _draw_shape(draw, render["shape"], x0, y0, render["size"], tuple(render["rgb"]))
+        frames.append(image)
+    return frames
+
+
+def synth_digit_audio(render: Mapping[str, Any]) -> np.ndarray:
+    """int16 waveform at SAMPLE_RATE: lead silence, then one two-tone burst per digit with gaps."""
+    total = render["num_samples"]
+    wave_f = np.zeros(total, dtype=np.float64)
+    fade = int(FADE_SECONDS * SAMPLE_RATE)
+    ramp = 0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, fade))
+    for tone in render["tones"]:
+        n = tone["length"]
+        t = np.arange(n) / SAMPLE_RATE
+        low, high = DIGIT_TONES[tone["digit"]]
+        burst = 0.5 * np.sin(2 * np.pi * low * t + tone["phase"][0]) + 0.5 * np.sin(2 * np.pi * high * t + tone["phase"][1])
+        envelope = np.ones(n)
+        envelope[:fade], envelope[n - fade:] = ramp, ramp[::-1]
+        wave_f[tone["start"]:tone["start"] + n] += tone["amplitude"] * burst * envelope
+    wave_f += np.random.default_rng(render["noise_seed"]).normal(0.0, NOISE_STD, total)
+    return np.round(np.clip(wave_f, -1.0, 1.0) * 32767).astype("<i2")
+
+
+def write_wav(path: Path, samples: np.ndarray) -> None:
+    """16-bit mono PCM WAV via the standard library (no timestamps: byte-identical per content)."""
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(SAMPLE_RATE)
+        handle.writeframes(samples.astype("<i2").tobytes())
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    image.save(path, format="PNG", compress_level=6)  # fixed params; PIL adds no time chunk
+
+
+# ----------------------------------------------------------------------------- planning
+
+def _stratum(split_rng_seed: int, task_index: int, k: int, combos: Sequence) -> Any:
+    """The k-th sample of a task takes entry k of a per-cycle random permutation of `combos`."""
+    cycle, offset = divmod(k, len(combos))
+    perm = np.random.default_rng([split_rng_seed, _STRATA_STREAM, task_index, cycle]).permutation(len(combos))
+    return combos[int(perm[offset])]
+
+
+def _plan_image(rng: np.random.Generator, combo, image_size: int) -> tuple[dict, dict]:
+    shape, colour, position = combo
+    half = image_size // 2
+    margin = max(1, round(image_size / 32))
+    size = int(rng.integers(round(0.34 * image_size), round(0.41 * image_size) + 1))
+    qx = half if position.endswith("right") else 0
+    qy = half if position.startswith("bottom") else 0
+    x0 = qx + int(rng.integers(margin, half - margin - size + 1))
+    y0 = qy + int(rng.integers(margin, half - margin - size + 1))
+    render = {"shape": shape, "x0": x0, "y0": y0, "size": size, "rgb": _jittered_colour(rng, colour),
+              "background": int(rng.integers(0, MAX_BACKGROUND + 1))}
+    return {"shape": shape, "colour": colour, "position": position}, render
+
+
+def _plan_video(rng: np.random.Generator, combo, image_size: int) -> tuple[dict, dict]:
+    shape, direction = combo
+    colour = COLOURS_LIST[int(rng.integers(len(COLOURS_LIST)))]
+    margin = max(1, round(image_size / 32))
+    size = int(rng.integers(round(0.28 * image_size), round(0.34 * image_size) + 1))
+    step = int(rng.integers(round(0.12 * image_size), round(0.15 * image_size) + 1))
+    travel = step * (VIDEO_FRAMES - 1)
+    far = image_size - margin - size  # largest top-left coordinate that keeps the shape inside
+    sign = 1 if direction in ("right", "down") else -1
+    start = int(rng.integers(margin, far - travel + 1)) + (0 if sign > 0 else travel)
+    across = int(rng.integers(margin, far + 1))
+    along = [start + sign * step * f for f in range(VIDEO_FRAMES)]
+    path = [(a, across) if direction in ("left", "right") else (across, a) for a in along]
+    render = {"shape": shape, "size": size, "path": path, "rgb": _jittered_colour(rng, colour),
+              "background": int(rng.integers(0, MAX_BACKGROUND + 1))}
+    return {"shape": shape, "colour": colour, "direction": direction}, render
+
+
+def _plan_audio(rng: np.random.Generator, count: int) -> tuple[dict, dict]:
+    digits = [str(int(d)) for d in rng.integers(0, 10, count)]
+    cursor = int(rng.uniform(*LEAD_SECONDS) * SAMPLE_RATE)
+    tones = []
+    for i, digit in enumerate(digits):
+        if i:
+            cursor += int(rng.uniform(*GAP_SECONDS) * SAMPLE_RATE)
+        length = int(rng.uniform(*TONE_SECONDS) * SAMPLE_RATE)
+        tones.append({"digit": digit, "start": cursor, "length": length,
+                      "amplitude": float(rng.uniform(0.25, 0.45)),
+                      "phase": [float(p) for p in rng.uniform(0, 2 * np.pi, 2)]})
+        cursor += length
+    num_samples = cursor + int(TAIL_SECONDS * SAMPLE_RATE)
+    assert num_samples <= MAX_CLIP_SECONDS * SAMPLE_RATE, "timing constants exceed the 1 s clip budget"
+    render = {"tones": tones, "num_samples": num_samples, "noise_seed": int(rng.integers(2**31))}
+    return {"digits": " ".join(digits), "count": count}, render
+
+
+
+@dataclass
+class PlannedSample:
+    """Everything about one sample before its media are written."""
+
+    index: int
+    task: str
+    question: str
+    answer: str
+    attributes: dict
+    render: dict
+
+
+def plan_sample(seed: int, split: str, index: int, tasks: Sequence[str], image_size: int) -> PlannedSample:
+    """The content of sample `index` of `split`: a pure function of its arguments."""
+    base = split_seed(seed, split)
+    task_index = index % len(tasks)
+    name, k = tasks[task_index], index // len(tasks)
+    spec = TASKS[name]
+    rng = np.random.default_rng([base, _SAMPLE_STREAM, index])
+    phrasing = spec.phrasings[int(rng.integers(len(spec.phrasings)))]
+    render: dict = {}
+    if spec.modality == "image":
+        attrs, render = _plan_image(rng, _stratum(base, task_index, k, _IMAGE_COMBOS), image_size)
+        answer = {"image_caption": f"a {attrs['colour']} {attrs['shape']} at the {attrs['position']}",
+                  "image_colour": attrs["colour"], "image_shape": attrs["shape"],
+                  "image_position": attrs["position"]}[name]
+    elif spec.modality == "video":
+        attrs, render = _plan_video(rng, _stratum(base, task_index, k, _VIDEO_COMBOS), image_size)
+        answer = attrs["direction"] if name == "video_direction" else attrs["shape"]
+        phrasing = phrasing.format(shape=attrs["shape"])
+    elif spec.modality == "audio":
+        attrs, render = _plan_audio(rng, _stratum(base, task_index, k, DIGIT_COUNTS))
+        answer = attrs["digits"] if name == "audio_transcribe" else str(attrs["count"])
+    elif name in ("text_copy", "text_reverse"):
+        letters = [LETTERS[int(i)] for i in rng.integers(0, len(LETTERS), int(rng.integers(2, 6)))]
+        attrs = {"seq": " ".join(letters)}
+        phrasing = phrasing.format(seq=attrs["seq"])
+        answer = attrs["seq"] if name == "text_copy" else " ".join(reversed(letters))
+    elif name == "text_add":
+        a, b = (int(v) for v in rng.integers(0, 10, 2))
+        attrs = {"a": a, "b": b}
+        phrasing, answer = phrasing.format(a=a, b=b), str(a + b)
+    else:
+        raise ValueError(f"task {name!r} has no generator")
+    return PlannedSample(index, name, phrasing, answer, attrs, render)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_media(plan: PlannedSample, split: str, out_dir: Path, image_size: int) -> dict:
+    """Write the sample's media files; return the canonical media fields (paths relative to out_dir)."""
+    modality = TASKS[plan.task].modality
+    stem = f"{plan.index:06d}"
+    if modality == "image":
+        rel = f"images/{split}/{stem}.png"
+        _save_png(render_image(plan.render, image_size), out_dir / rel)
+        return {"images": [rel]}
+    if modality == "video":
+        frame_dir = out_dir / "videos" / split / stem
+        frame_dir.mkdir(exist_ok=True)
+        rels = []
+        for f, frame in enumerate(render_video(plan.render, image_size)):
+            rels.append(f"videos/{split}/{stem}/f{f}.png")
+            _save_png(frame, out_dir / rels[-1])
+        return {"videos": [rels], "video_fps": [VIDEO_FPS]}
+    if modality == "audio":
+        rel = f"audio/{split}/{stem}.wav"
+        write_wav(out_dir / rel, synth_digit_audio(plan.render))
+        return {"audios": [rel]}
+    return {}
+
+
+def to_sample(plan: PlannedSample, split: str, media: Mapping[str, Any]) -> dict:
+    """The canonical sample dict (see docs/architecture.md and the data format)."""
+    modality = TASKS[plan.task].modality
+    marker = _MARKERS.get(modality)
+    user = f"{marker}\n{plan.question}" if marker else plan.question
+    return {
+        "id": f"{split}-{modality}-{plan.index:06d}",
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": plan.answer}],
+        **media,
+        "meta": {"task": plan.task, "modality": modality, "split": split, "dataset": DATASET_NAME,
+                 "answer": plan.answer, "attributes": plan.attributes},
+    }
+
+
+def _resolve_splits(splits, num: int, eval_num: int | None, tasks: Sequence[str]) -> dict[str, int]:
+    if isinstance(splits, Mapping):
+        counts = {name: int(n) for name, n in splits.items()}
+    else:
+        eval_count = max(num // 10, len(tasks)) if eval_num is None else eval_num
+        counts = {name: (num if name == "train" else eval_count) for name in splits}
+    for name, n in counts.items():
+        split_seed(0, name)  # validates the name
+        if n < 0:
+            raise ValueError(f"split {name!r}: sample count must be >= 0, got {n}")
+    return counts
+
+
+def generate(out_dir: str | os.PathLike, seed: int = 0, num: int = DEFAULT_NUM,
+             splits: Sequence[str] | Mapping[str, int] = ("train", "val", "test"), *,
+             eval_num: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
+             tasks: Sequence[str] | None = None, overwrite: bool = False,
+             progress: bool = False) -> dict[str, Path]:
+    """Write media and one manifest per split under `out_dir`; return {split: manifest path}.
+
+    `num`: train samples in total (all tasks, round-robin). `eval_num`: samples of each other
+    split (default `max(num // 10, len(tasks))`). A mapping `splits` gives every count directly.
+    `tasks`: a subset of `TASKS` (default all). An existing split is replaced only with
+    `overwrite=True` (its manifest and its own media folders are deleted first).
+    """
+    tasks = list(TASKS) if tasks is None else list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown or no tasks {unknown}; expected a subset of {list(TASKS)}")
+    if image_size < 24 or image_size % 2:
+        raise ValueError(f"image_size must be even and >= 24 (a shape must fit in a quadrant), got {image_size}")
+    counts = _resolve_splits(splits, num, eval_num, tasks)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifests: dict[str, Path] = {}
+    for split, count in counts.items():
+        manifest = out_dir / f"{split}.jsonl"
+        media_dirs = [out_dir / kind / split for kind in ("images", "videos", "audio")]
+        if manifest.exists() or any(d.exists() for d in media_dirs):
+            if not overwrite:
+                raise FileExistsError(f"{manifest} (or its media folders) already exists; pass overwrite=True "
+                                      f"(--overwrite) to regenerate split {split!r}")
+            manifest.unlink(missing_ok=True)
+            for d in media_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in media_dirs:
+            d.mkdir(parents=True)
+        rows = range(count)
+        if progress:
+            from tqdm import tqdm
+
+            rows = tqdm(rows, desc=f"synth {split}", unit="sample")
+        lines = []
+        for index in rows:
+            plan = plan_sample(seed, split, index, tasks, image_size)
+            sample = to_sample(plan, split, _write_media(plan, split, out_dir, image_size))
+            lines.append(json.dumps(sample, ensure_ascii=False))
+        # Manifest last and atomically: a crashed run never leaves a manifest naming missing media.
+        tmp = manifest.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(tmp, manifest)
+        manifests[split] = manifest
+    return manifests
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni data synth", description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="output folder (media root + <split>.jsonl manifests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=int, default=DEFAULT_NUM, help="train samples in total")
+    parser.add_argument("--eval-num", type=int, default=None, help="samples per val/test split")
+    parser.add_argument("--splits", default="train,val,test", help="comma-separated split names")
+    parser.add_argument("--tasks", default=None, help=f"comma-separated subset of: {','.join(TASKS)}")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry (`python -m data.synth OUT`); the `omni` CLI can delegate `omni data synth` here."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    manifests = generate(args.out, seed=args.seed, num=args.num, eval_num=args.eval_num,
+                         splits=[s for s in args.splits.split(",") if s], image_size=args.image_size,
+                         tasks=args.tasks.split(",") if args.tasks else None, overwrite=args.overwrite,
+                         progress=True)
+    for split, path in manifests.items():
+        with open(path, encoding="utf-8") as handle:
+            print(f"{split}: {sum(1 for _ in handle)} samples -> {path}")
+    print(f"generated in {time.perf_counter() - started:.1f} s; media root: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
