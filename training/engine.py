@@ -1,0 +1,511 @@
+"""The DeepSpeed engine: config generation and initialisation with expert parallelism, plus a NaN/inf step guard.
+
+DeepSpeed 0.19.8 turns on its MoE machinery (expert-parallel groups, expert gradient reduction over the
+expert-data-parallel group, MoE-aware grad norms, MoE optimizer groups) only for modules that are
+`deepspeed.moe.layer.MoE` instances. So each MoE block gets a parameter-less `DeepSpeedMoeMarker` child, expert
+parameters are tagged `allreduce=False` / `group_name` before `deepspeed.initialize`, and the optimizer gets MoE
+parameter groups (torch AdamW: nothing is JIT-compiled). The full reasoning, each point checked in DeepSpeed's
+source, is in docs/training.md ("Expert parallelism and ZeRO"). ZeRO-3 is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import init_distributed
+from .expert_parallel import check_ep_size, grouped_experts, moe_blocks, shard_experts
+
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+# We rely on engine internals (MoE detection, group helpers, optimizer wrappers); tests fail loudly when they move.
+SUPPORTED_DEEPSPEED = ("0.19.8", "0.20")  # [min, max)
+PRECISIONS = ("fp32", "bf16")
+
+
+# ----------------------------------------------------------------------------- config
+def build_deepspeed_config(
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int = 1,
+    zero_stage: int = 1,
+    precision: str = "fp32",
+    gradient_clipping: float = 1.0,
+    lr: float = 5e-4,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 100,
+    total_steps: int = 1000,
+    min_lr_ratio: float = 0.1,
+    warmup_start_ratio: float = 0.0,
+    steps_per_print: int = 1_000_000_000,
+) -> dict[str, Any]:
+    """A DeepSpeed JSON config (as a dict) from plain recipe settings.
+
+    The global batch is `micro_batch_size x gradient_accumulation_steps x data-parallel world size` (DeepSpeed
+    derives `train_batch_size`). Optimizer: torch AdamW (`torch_adam`; no compiled kernels). Schedule: DeepSpeed's
+    `WarmupCosineLR`, linear warmup from `warmup_start_ratio x lr` over `warmup_steps`, then cosine to
+    `min_lr_ratio x lr` at `total_steps` (DeepSpeed's schedulers start at iteration -1: the very first optimizer
+    step runs at lr 0). bf16 keeps fp32 master weights; gradients accumulate in fp32 at ZeRO 1/2.
+    """
+    if zero_stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(f"zero_stage must be one of {SUPPORTED_ZERO_STAGES}, got {zero_stage} ({_ZERO3_REASON})")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if micro_batch_size < 1 or gradient_accumulation_steps < 1:
+        raise ValueError("micro_batch_size and gradient_accumulation_steps must be >= 1")
+    if total_steps < 1 or warmup_steps < 0:
+        raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": gradient_clipping,
+        "steps_per_print": steps_per_print,
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay, "torch_adam": True,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                # DeepSpeed clamps the warmup to >= 2 steps; 1 behaves like "no warmup" at ratio 1 after step 0
+                "warmup_num_steps": max(1, warmup_steps),
+                "warmup_min_ratio": 1.0 if warmup_steps == 0 else warmup_start_ratio,
+                "cos_min_ratio": min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": False,
+    }
+    if zero_stage in (1, 2):
+        # DeepSpeed's MoE path in ZeRO 1/2 requires contiguous gradients and reduce-scatter; overlap_comm only
+        # helps with a separate comm stream (GPU).
+        config["zero_optimization"].update(
+            contiguous_gradients=True, reduce_scatter=True, overlap_comm=torch.cuda.is_available()
+        )
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        if zero_stage in (1, 2):
+            # fp32 gradient accumulation; DeepSpeed 0.19.8 rejects it at ZeRO-0 (bf16 grads, fp32 master weights)
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def load_deepspeed_config(config: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """A user's DeepSpeed config: a dict (deep-copied) or a path to a JSON file."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = Path(config)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DeepSpeed config file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+
+
+_ZERO3_REASON = (
+    "ZeRO-3 is not supported for MoE models: DeepSpeed 0.19.8 refuses MoE modules under stage 3, and stage 3 would "
+    "partition the expert tensors across ranks that hold different experts. Use ZeRO-1 or ZeRO-2"
+)
+
+
+def validate_deepspeed_config(config: dict[str, Any], has_moe: bool) -> dict[str, Any]:
+    """Refuse what we do not support, with the reason; fill the settings the MoE path requires. Returns the config."""
+    zero = config.setdefault("zero_optimization", {"stage": 0})
+    stage = int(zero.get("stage", 0))
+    if stage == 3 and has_moe:
+        raise ValueError(_ZERO3_REASON)
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(f"zero_optimization.stage must be one of {SUPPORTED_ZERO_STAGES}, got {stage}")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(
+                f"zero_optimization.{key}.device={device!r} is not supported: offloading needs DeepSpeed's compiled "
+                "CPU Adam, which this codebase never builds"
+            )
+    if has_moe and stage in (1, 2):
+        for key in ("contiguous_gradients", "reduce_scatter"):
+            if zero.get(key) is False:
+                raise ValueError(f"zero_optimization.{key}=false is not supported with MoE by DeepSpeed 0.19.8")
+            zero[key] = True
+    if config.get("fp16", {}).get("enabled"):
+        raise ValueError("fp16 is not supported (use bf16 or fp32)")
+    optimizer = config.get("optimizer")
+    if optimizer and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        # torch's AdamW: DeepSpeed's FusedAdam / CPUAdam would be JIT-compiled on first use (~45 s, ~5 GB on CPU)
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+    return config
+
+
+# ----------------------------------------------------------------------------- DeepSpeed's view of our experts
+def _deepspeed_moe_class() -> type[nn.Module]:
+    from deepspeed.moe.layer import MoE
+
+    return MoE
+
+
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel group family of this size (`deepspeed.moe.layer.MoE` uses it)."""
+    return f"ep_size_{ep_size}"
+
+
+@functools.cache
+def _make_marker_class() -> type[nn.Module]:
+    MoE = _deepspeed_moe_class()
+
+    class DeepSpeedMoeMarker(MoE):
+        """Makes DeepSpeed's engine treat the model as an MoE model (`has_moe_layers`); computes nothing.
+
+        `MoE.__init__` is skipped on purpose: it would build DeepSpeed's own gate and experts. The attributes set
+        here are the ones the engine reads (`num_experts`, `ep_size`, `expert_group_name`, `num_local_experts`).
+        `num_local_experts = 0`: DeepSpeed's per-expert checkpoint files stay empty; our experts are saved by us.
+        """
+
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.expert_group_name = expert_group_name(ep_size)
+            self.num_local_experts = 0
+            self.use_residual = False
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            from deepspeed.utils import groups
+
+            # The engine calls this on every module that has it; our groups were created before sharding.
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                raise RuntimeError(
+                    f"expert-parallel group {self.expert_group_name} missing: build the engine with initialize_engine"
+                )
+
+        def forward(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("DeepSpeedMoeMarker is a marker for DeepSpeed's engine, not a layer to call")
+
+        def extra_repr(self) -> str:
+            return f"num_experts={self.num_experts}, ep_size={self.ep_size}"
+
+    return DeepSpeedMoeMarker
+
+
+MARKER_ATTR = "deepspeed_moe_marker"
+
+
+def install_moe_markers(model: nn.Module, ep_size: int) -> int:
+    """Attach a marker to every MoE block (no parameters, no state-dict entries). Returns the number of blocks."""
+    marker_class = _make_marker_class()
+    blocks = moe_blocks(model)
+    for block in blocks:
+        experts = grouped_experts(block)
+        num_global = getattr(experts, "num_global_experts", experts.num_experts)
+        setattr(block, MARKER_ATTR, marker_class(num_global, ep_size))
+    return len(blocks)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter inside a MoE block's `experts` (also ones a wrapper such as LoRA added there)."""
+    return [p for block in moe_blocks(model) for p in block.experts.parameters()]
+
+
+def tag_expert_parameters(model: nn.Module, ep_size: int) -> int:
+    """Mark expert parameters as DeepSpeed MoE parameters of group `ep_size_<N>` (frozen ones too: their initial
+    broadcast must stay within the expert-data-parallel group). Call again after adding parameters inside the
+    experts (LoRA), before `deepspeed.initialize`. Returns the number of tagged parameters."""
+    params = expert_parameters(model)
+    for param in params:
+        param.allreduce = False
+        param.group_name = expert_group_name(ep_size)
+    return len(params)
+
+
+def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in optimizer groups: decay (>= 2-D weights) / no decay (norms, biases), each split
+    into its dense part and its MoE part per expert group (DeepSpeed's `moe: True` groups). Frozen parameters are
+    left out, so they get no optimizer state. Empty groups are dropped."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------- initialisation
+@dataclass
+class ExpertParallelLayout:
+    """Where this rank sits: EP group (all-to-all), expert-data-parallel group (expert gradient reduction)."""
+
+    ep_size: int
+    ep_rank: int
+    group_name: str
+    ep_group: Any
+    expert_data_parallel_group: Any
+    expert_data_parallel_size: int
+
+
+@dataclass
+class EngineSetup:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    lr_scheduler: Any
+    layout: ExpertParallelLayout
+
+
+def check_deepspeed_version() -> str:
+    import deepspeed
+    from packaging.version import Version
+
+    version = Version(deepspeed.__version__.split("+")[0])
+    low, high = (Version(v) for v in SUPPORTED_DEEPSPEED)
+    if not low <= version < high:
+        raise RuntimeError(
+            f"deepspeed {deepspeed.__version__} is outside the tested range [{low}, {high}): the expert-parallel "
+            "integration relies on engine internals (MoE detection, group helpers); re-run tests/distributed first"
+        )
+    return str(version)
+
+
+def create_expert_parallel_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> ExpertParallelLayout:
+    """Create (once per process) DeepSpeed's expert-parallel and expert-data-parallel groups for `ep_size`.
+
+    Collective over the world: every rank must call it. Topology (DeepSpeed's default, "E + D"): EP groups are
+    consecutive ranks ([0, 1], [2, 3] at EP=2), expert-data-parallel groups stride by ep_size ([0, 2], [1, 3]).
+    """
+    from deepspeed.utils import groups
+
+    check_ep_size(ep_size, ep_size, dist.get_world_size())
+    name = expert_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(
+            ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel
+        )
+    return ExpertParallelLayout(
+        ep_size=ep_size,
+        ep_rank=groups._get_expert_parallel_rank(name),
+        group_name=name,
+        ep_group=groups._get_expert_parallel_group(name),
+        expert_data_parallel_group=groups._get_expert_data_parallel_group(name),
+        expert_data_parallel_size=groups._get_expert_data_parallel_world_size(name),
+    )
+
+
+def optimizer_param_groups(engine: Any) -> list[tuple[dict[str, Any], list[nn.Parameter]]]:
+    """(optimizer group settings, the model parameters it trains) for each group of the engine's optimizer.
+
+    ZeRO 1/2 and DeepSpeed's bf16 / mixed-precision optimizers hand the torch optimizer flat fp32 copies, so the
+    model's parameters are read from their `bit16_groups` / `bf16_groups` / `fp16_groups`; a plain (ZeRO-0 fp32)
+    optimizer holds them directly.
+    """
+    wrapper = engine.optimizer
+    for attr in ("bit16_groups", "bf16_groups", "fp16_groups"):
+        if hasattr(wrapper, attr):
+            return list(zip(wrapper.optimizer.param_groups, getattr(wrapper, attr), strict=True))
+    return [(group, list(group["params"])) for group in wrapper.param_groups]
+
+
+def verify_moe_setup(engine: Any, model: nn.Module, layout: ExpertParallelLayout) -> None:
+    """Fail loudly if DeepSpeed did not pick up our MoE setup (guards against internals changing)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    problems = []
+    if not engine.has_moe_layers:
+        problems.append("engine.has_moe_layers is False (the DeepSpeedMoeMarker modules were not detected)")
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    untagged = [n for n, p in model.named_parameters() if id(p) in expert_ids and not is_moe_param(p)]
+    if untagged:
+        problems.append(f"expert parameters not tagged as MoE parameters: {untagged[:3]}")
+    trainable_experts = {id(p) for p in expert_parameters(model) if p.requires_grad}
+    in_moe_groups = {id(p) for g, params in optimizer_param_groups(engine) if g.get("moe") for p in params}
+    if trainable_experts and not trainable_experts <= in_moe_groups:
+        problems.append("trainable expert parameters missing from the optimizer's MoE parameter groups")
+    if layout.group_name not in engine.expert_data_parallel_group:
+        problems.append(f"engine has no expert-data-parallel group {layout.group_name}")
+    if problems:
+        raise RuntimeError("DeepSpeed MoE setup check failed: " + "; ".join(problems))
+
+
+def prepare_expert_parallel(
+    model: nn.Module, ep_size: int = 1, *, use_data_before_expert_parallel: bool = False, timeout_s: float | None = None
+) -> ExpertParallelLayout:
+    """Join the process group (if needed), create the EP groups and shard the experts over them (installing the
+    all-to-all dispatcher). Collective: every rank calls it with the same full model. `initialize_engine` calls it;
+    call it yourself first when something must be added between sharding and the engine (LoRA on the experts:
+    shard, wrap, then `initialize_engine`, which tags the new expert parameters too). Idempotent."""
+    init_distributed(**({"timeout_s": timeout_s} if timeout_s else {}))
+    blocks = moe_blocks(model)
+    if blocks:
+        first = grouped_experts(blocks[0])
+        num_experts = getattr(first, "num_global_experts", first.num_experts)
+        check_ep_size(num_experts, ep_size, dist.get_world_size())
+    elif ep_size != 1:
+        raise ValueError(f"ep_size={ep_size} but the model has no MoE layers")
+    layout = create_expert_parallel_groups(ep_size, use_data_before_expert_parallel)
+    if blocks:
+        shard_experts(model, layout.ep_group, layout.ep_rank, ep_size)
+    return layout
+
+
+def initialize_engine(
+    model: nn.Module,
+    ds_config: dict[str, Any] | str | Path,
+    ep_size: int = 1,
+    *,
+    activation_checkpointing: bool = False,
+    timeout_s: float | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+) -> EngineSetup:
+    """Shard the experts over `ep_size` ranks, make DeepSpeed aware of them, and build the engine.
+
+    Every rank calls this with the same (full) model -- built from the same seed, or loaded from the same
+    checkpoint -- and the same config. Steps: `prepare_expert_parallel` (process group, EP groups, sharding), tag
+    expert parameters, attach the DeepSpeed MoE markers, optionally enable activation checkpointing, build
+    MoE-aware optimizer groups from the trainable parameters, `deepspeed.initialize`, then verify DeepSpeed
+    registered the MoE setup. `param_groups` (e.g. a stage's `trainable_param_groups`, built after
+    `prepare_expert_parallel` so they name the sharded parameters) replace the default decay/no-decay split; they
+    are split into DeepSpeed's MoE groups here.
+    """
+    import deepspeed
+
+    check_deepspeed_version()
+    config = load_deepspeed_config(ds_config)
+    blocks = moe_blocks(model)
+    validate_deepspeed_config(config, has_moe=bool(blocks))
+    layout = prepare_expert_parallel(
+        model, ep_size, use_data_before_expert_parallel=bool(config.get("use_data_before_expert_parallelism", False)),
+        timeout_s=timeout_s,
+    )
+    if blocks:
+        tag_expert_parameters(model, ep_size)
+        install_moe_markers(model, ep_size)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+
+    if param_groups is None:
+        weight_decay = float(config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
+        param_groups = build_param_groups(model, weight_decay)
+    else:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups) if g["params"]]
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, model_parameters=param_groups, config=config)
+    if blocks:
+        verify_moe_setup(engine, model, layout)
+        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and engine.gradient_clipping() > 0:
+            # DeepSpeed's ZeRO-0 fp32 clip averages each rank's own norm; under EP ranks hold different experts, so
+            # that is not the global norm. ZeRO 1/2 and the bf16 optimizer compute it correctly themselves.
+            engine.clip_fp32_gradients = functools.partial(_clip_with_global_moe_norm, engine, layout.ep_group)
+    return EngineSetup(engine=engine, optimizer=optimizer, lr_scheduler=lr_scheduler, layout=layout)
+
+
+@torch.no_grad()
+def _clip_with_global_moe_norm(engine: Any, ep_group: Any) -> torch.Tensor:
+    """Clip the (already reduced) fp32 gradients by the global L2 norm: dense gradients are identical on every
+    rank, expert gradients identical within an expert-data-parallel group and distinct across the EP group, so
+    norm^2 = dense^2 + sum over the EP group of each rank's expert^2. Sets the engine's reported grad norm."""
+    from deepspeed.moe.utils import is_moe_param
+
+    dense_sq = torch.zeros((), dtype=torch.float32, device=_comm_device())
+    expert_sq = torch.zeros_like(dense_sq)
+    grads = []
+    for param in engine.module.parameters():
+        if param.grad is None:
+            continue
+        grads.append(param.grad)
+        square = param.grad.detach().float().pow(2).sum().to(dense_sq.device)
+        if is_moe_param(param):
+            expert_sq += square
+        else:
+            dense_sq += square
+    dist.all_reduce(expert_sq, group=ep_group)
+    total = (dense_sq + expert_sq).sqrt()
+    coefficient = (engine.gradient_clipping() / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(coefficient.to(grad.device, grad.dtype))
+    engine._global_grad_norm = float(total)
+    return total
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant checkpointing). Under EP the recomputation re-issues
+    the layer's all-to-alls on every rank in the same order, so collectives stay matched."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    found = False
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = True
+            found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no module with a gradient_checkpointing switch")
+
+
+# ----------------------------------------------------------------------------- NaN / inf guard
+def all_ranks_finite(*tensors: torch.Tensor | None, group: Any = None) -> bool:
+    """True when every given tensor is finite on EVERY rank of `group` (default: the world). One all-reduce (MIN)
+    of a local flag, so all ranks get the same answer and take the same branch (a rank-local decision would leave
+    the ranks issuing different collectives: a hang)."""
+    local = all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t is not None)
+    if not dist.is_initialized():
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=_comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item() > 0)
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _local_grads_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
+def guarded_backward_step(engine: Any, loss: torch.Tensor) -> bool:
+    """`engine.backward(loss); engine.step()` unless some rank's loss is non-finite; returns whether it ran.
+
+    Non-finite loss on any rank: every rank drops this micro-batch (no backward, no step; the engine's counters do
+    not move, so with gradient accumulation the window simply takes the next micro-batch). Non-finite gradients with
+    a finite loss: ZeRO 1/2 detect them in their all-reduced grad norm and skip the step on every rank (counted in
+    `engine.skipped_steps`); at ZeRO-0 we check the reduced gradients here, clear them and skip on every rank.
+    """
+    if not all_ranks_finite(loss):
+        return False
+    engine.backward(loss)
+    check_grads = engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary()
+    if check_grads and not all_ranks_finite(torch.tensor(1.0 if _local_grads_finite(engine.module) else float("nan"))):
+        engine.zero_grad()
+        return False
+    engine.step()
+    return True
+
+
+__all__ = [
+    "MARKER_ATTR", "SUPPORTED_ZERO_STAGES", "EngineSetup", "ExpertParallelLayout", "all_ranks_finite",
+    "build_deepspeed_config", "build_param_groups", "check_deepspeed_version", "create_expert_parallel_groups",
+    "enable_activation_checkpointing", "expert_group_name", "expert_parameters", "guarded_backward_step",
+    "initialize_engine", "install_moe_markers", "load_deepspeed_config", "optimizer_param_groups",
+    "prepare_expert_parallel", "tag_expert_parameters", "validate_deepspeed_config", "verify_moe_setup",
+]

@@ -1,0 +1,220 @@
+"""The training loop: one stage, start to finish, on every rank.
+
+    setup    shard experts (EP) -> LoRA (if the stage asks) -> freeze per the stage -> optimizer groups -> DeepSpeed
+    resume   from the stage's latest *valid* checkpoint (model, optimizer, scheduler, step, RNG, data position)
+    loop     micro-batches -> forward -> guarded backward/step (non-finite on any rank: every rank skips)
+             -> metrics (progress bar with tokens/s, TensorBoard), loss-spike flag, router-health alarm
+             -> checkpoint every `save_every` steps
+    finish   a last checkpoint, and the stage's model gathered (experts from every EP rank, LoRA merged) and saved
+             as a Hugging Face folder that the next stage starts from
+
+Every rank runs the same code and issues the same collectives in the same order; decisions that could differ per
+rank (skip a step, stop) are all-reduced first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointManager, TrainingState
+from .checkpointing import latest_training_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .distributed import get_rank, get_world_size
+from .engine import (
+    EngineSetup, build_deepspeed_config, guarded_backward_step, initialize_engine, prepare_expert_parallel,
+)
+from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
+from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteAbort(RuntimeError):
+    pass
+
+
+@dataclass
+class RunSettings:
+    """Run-wide settings (the recipe's `run` / `parallel` / `train` sections)."""
+
+    output_dir: str
+    seed: int = 0
+    ep_size: int = 1
+    zero_stage: int = 1
+    precision: str = "fp32"
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 1.0
+    activation_checkpointing: bool = False
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    max_nonfinite_in_a_row: int = 5
+    spike_factor: float = 5.0
+    router_alarm_max_over_mean: float = 4.0
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class StageResult:
+    setup: EngineSetup
+    model: torch.nn.Module
+    state: TrainingState
+    losses: list[float]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_engine(model: torch.nn.Module, stage: StageSpec, run: RunSettings, micro_batch_size: int):
+    """Shard experts -> LoRA (adapters land on the local experts) -> freeze per the stage -> DeepSpeed.
+    Returns (EngineSetup, the model the engine trains, the stage's FreezePlan)."""
+    opt = stage.optimizer
+    ds_config = build_deepspeed_config(
+        micro_batch_size=micro_batch_size, gradient_accumulation_steps=run.gradient_accumulation_steps,
+        zero_stage=run.zero_stage, precision=run.precision, gradient_clipping=opt.grad_clip or run.gradient_clipping,
+        lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+        warmup_steps=opt.warmup_steps, total_steps=stage.steps, min_lr_ratio=opt.min_lr_ratio,
+    )
+    prepare_expert_parallel(model, run.ep_size, timeout_s=run.timeout_s)
+    model = prepare_model_for_stage(model, stage)
+    plan = apply_stage(model, stage)
+    groups = trainable_param_groups(model, plan, opt.lr, opt.weight_decay)
+    setup = initialize_engine(model, ds_config, run.ep_size, activation_checkpointing=run.activation_checkpointing,
+                              timeout_s=run.timeout_s, param_groups=groups)
+    return setup, model, plan
+
+
+def train_stage(
+    model: torch.nn.Module,
+    stage: StageSpec,
+    run: RunSettings,
+    loader: Any,
+    micro_batch_size: int,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> StageResult:
+    """Train `model` for `stage.steps` optimizer steps on batches from `loader` (a `ResumableLoader`)."""
+    rank, world = get_rank(), get_world_size()
+    stage_dir = Path(run.output_dir) / stage.name
+    setup, model, plan = build_engine(model, stage, run, micro_batch_size)
+    engine = setup.engine
+    config = model.config
+    manager = CheckpointManager(stage_dir / "checkpoints", keep_last=run.keep_last, rank=rank, world_size=world,
+                                barrier=_barrier if dist.is_initialized() else None)
+    state = TrainingState(step=0, stage=stage.name)
+    latest = latest_training_checkpoint(manager)
+    if latest is not None:
+        state = load_training_checkpoint(latest, setup, model)
+        if state.data_state:
+            loader.load_state_dict(state.data_state)
+        log.warning("stage %s: resumed from %s at step %d", stage.name, latest, state.step)
+
+    writer = MetricsWriter(str(stage_dir / "tensorboard"), enabled=rank == 0)
+    spikes = LossSpikeDetector(factor=run.spike_factor)
+    health = RouterHealth(config, max_over_mean=run.router_alarm_max_over_mean)
+    losses: list[float] = []
+    batches = _endless(loader)
+    bar = tqdm(total=stage.steps, initial=state.step, desc=stage.name, disable=rank != 0, dynamic_ncols=True)
+    nonfinite_in_a_row = 0
+    window_tokens, window_start = 0, time.perf_counter()
+    model.train()
+    while state.step < stage.steps:
+        step_losses = []
+        while len(step_losses) < run.gradient_accumulation_steps:
+            batch = next(batches)
+            out = engine(**_model_inputs(batch))
+            if not guarded_backward_step(engine, out.loss):
+                # every rank dropped this micro-batch (no backward, no step): parameters are unchanged
+                state.nonfinite_skips += 1
+                nonfinite_in_a_row += 1
+                log.warning("stage %s step %d: non-finite loss or gradients on some rank; every rank skipped it",
+                            stage.name, state.step + 1)
+                if nonfinite_in_a_row >= run.max_nonfinite_in_a_row:
+                    raise NonFiniteAbort(
+                        f"stage {stage.name}: {nonfinite_in_a_row} non-finite micro-batches in a row, the last at "
+                        f"step {state.step + 1}; aborting (raise run.max_nonfinite_in_a_row to tolerate more)")
+                continue
+            nonfinite_in_a_row = 0
+            tokens = int(batch["attention_mask"].sum())
+            step_losses.append(out.loss.detach().float())
+            window_tokens += tokens
+            state.samples_seen += int(batch["input_ids"].shape[0])
+            state.tokens_seen += tokens
+            health.update(out.router_outputs or [])
+        state.step += 1
+        loss = _mean_over_ranks(torch.stack(step_losses).mean())
+        losses.append(loss)
+        if spikes.update(loss):
+            log.warning("stage %s step %d: loss spike %.4f (> %.0fx the recent median)", stage.name, state.step, loss,
+                        spikes.factor)
+            writer.scalars({"train/loss_spike": 1.0}, state.step)
+        if state.step % run.log_every == 0 or state.step == stage.steps:
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            tokens_per_s = window_tokens * world / elapsed
+            report = health.report()
+            for alarm in report.alarms(run.router_alarm_max_over_mean):
+                log.warning("stage %s step %d: router health: %s", stage.name, state.step, alarm)
+            scalars = {
+                "train/loss": loss, "train/ce_loss": _item(out.ce_loss), "train/aux_loss": _item(out.aux_loss),
+                "train/z_loss": _item(out.z_loss), "train/lr": engine.get_lr()[0],
+                "train/grad_norm": _item(engine.get_global_grad_norm()), "train/tokens_per_s": tokens_per_s,
+                "router/dead_experts": report.dead_experts, "router/max_over_mean": report.worst_max_over_mean,
+                "router/null_fraction": report.null_fraction, "train/nonfinite_skips": state.nonfinite_skips,
+                **router_scalars(out.router_outputs or [], list(config.modalities)),
+            }
+            writer.scalars(scalars, state.step)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        bar.update(1)
+        if state.step % run.save_every == 0 or state.step == stage.steps:
+            save_training_checkpoint(manager, setup, model, state, data_state=loader.state_dict())
+            if on_checkpoint is not None:
+                on_checkpoint(state.step)
+    bar.close()
+    writer.close()
+    return StageResult(setup=setup, model=model, state=state, losses=losses)
+
+
+def _endless(loader: Iterable):
+    """Batches across epoch boundaries (the loader's own state tracks the epoch)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the data loader produced no batch in a whole epoch")
+
+
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "position_ids", "modality_ids", "labels", "pixel_values", "pixel_values_videos",
+    "audio_features", "audio_chunk_counts", "audio_token_counts",
+)
+
+
+def _model_inputs(batch: Any) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _item(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
