@@ -11,11 +11,13 @@ path, a skipped empty expert) blocks its peers until that timeout, so a short on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,7 +81,7 @@ def init_distributed(
         world_size = _env_int("WORLD_SIZE")
         if world_size is None:
             # single process: fill in what env:// initialisation (and DeepSpeed) expects
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             world_size = 1
@@ -165,6 +167,24 @@ def teardown() -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        remove_deepspeed_shm_buffers()
+
+
+def remove_deepspeed_shm_buffers() -> int:
+    """Unlink this job's DeepSpeed shared-memory all-reduce buffers (/dev/shm, ~66 MB per rank).
+
+    DeepSpeed's CPU comm op creates them when LOCAL_SIZE equals the world size (its own launcher sets it; torchrun
+    does not) and never unlinks them: a machine that runs many jobs or tests fills its RAM-backed /dev/shm. The names
+    carry MASTER_ADDR and MASTER_PORT, so only this job's buffers are touched. Returns how many were removed."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return 0
+    removed = 0
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 __all__ = [

@@ -39,7 +39,7 @@ def _bench_config(args: argparse.Namespace):
 def _job(rank: int, args: argparse.Namespace, ep_size: int, port: int, out_path: str) -> None:
     """One rank of one timed job (run by torch.multiprocessing)."""
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), LOCAL_SIZE=str(WORLD_SIZE),
+        RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     import torch

@@ -93,7 +93,7 @@ def spawn_workers(
             env = dict(os.environ)
             env.update(
                 RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                 MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
                     [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
                 ),
@@ -128,7 +128,13 @@ def spawn_workers(
     finally:
         if pgid is not None and any(p.poll() is None for p in procs):
             _kill_group(pgid, procs)
+        # a killed job cannot clean up after itself: never leave DeepSpeed shm buffers in the RAM-backed /dev/shm
+        leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
+        for path in leaked:
+            path.unlink(missing_ok=True)
 
+    if leaked and all(p.returncode == 0 for p in procs):
+        raise WorkerError(f"{target}: finished but left DeepSpeed shm buffers behind: {[p.name for p in leaked]}")
     import torch
 
     return [torch.load(run_dir / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
