@@ -131,9 +131,37 @@ def have_video_container_decoder() -> bool:
     return True
 
 
+def _iso_media_truncation(data: bytes) -> str | None:
+    """Why an mp4/mov/m4v file is cut short, or None if its top-level boxes are complete (or it is
+    not ISO media). Needed because FFmpeg treats a cut-off `mdat` as the end of the stream: a
+    truncated file would decode to its first few frames without any error."""
+    if data[4:8] != b"ftyp":
+        return None
+    position = 0
+    while position + 8 <= len(data):
+        size, header = int.from_bytes(data[position:position + 4], "big"), 8
+        if size == 1:  # 64-bit size follows the box type
+            if position + 16 > len(data):
+                return f"the box header at byte {position} is cut off"
+            size, header = int.from_bytes(data[position + 8:position + 16], "big"), 16
+        elif size == 0:  # "runs to the end of the file": nothing to check
+            return None
+        if size < header:  # not a layout we understand; leave the verdict to FFmpeg
+            return None
+        if position + size > len(data):
+            box = data[position + 4:position + 8].decode("latin-1")
+            return (f"its {box!r} box at byte {position} declares {size} bytes but only "
+                    f"{len(data) - position} remain (truncated file)")
+        position += size
+    return None
+
+
 def decode_video_container(data: bytes, what: str) -> tuple[list[Image.Image], float | None]:
     """An mp4/webm/... file -> (RGB frames, fps) through PyAV. Raises `MediaDecoderUnavailable`
-    naming the sample when PyAV is not installed."""
+    naming the sample when PyAV is not installed.
+
+    A cut-off or unreadable file is `VIDEO_DECODE`; `EMPTY_VIDEO` is kept for a well-formed file
+    that really holds no video frames (e.g. audio only)."""
     try:
         import av
     except ImportError:
@@ -143,17 +171,27 @@ def decode_video_container(data: bytes, what: str) -> tuple[list[Image.Image], f
         ) from None
     if not data:
         raise SampleRejected(VIDEO_DECODE, f"{what} is a zero-byte file")
+    truncation = _iso_media_truncation(data)
+    if truncation is not None:
+        raise SampleRejected(VIDEO_DECODE, f"{what}: {truncation}")
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
-                raise SampleRejected(EMPTY_VIDEO, f"{what} has no video stream")
+                kinds = ", ".join(sorted({stream.type for stream in container.streams})) or "none"
+                if not container.streams.audio:  # FFmpeg opens some cut-off files as bare 'data' streams
+                    raise SampleRejected(VIDEO_DECODE, f"{what} has no audio or video stream (streams: {kinds}); "
+                                                       f"truncated or not a video file")
+                raise SampleRejected(EMPTY_VIDEO, f"{what} has no video stream (only {kinds})")
             stream = container.streams.video[0]
             fps = float(stream.average_rate) if stream.average_rate else None
+            declared = stream.frames  # from the container header; 0 when the format does not say
             frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
     except SampleRejected:
         raise
     except Exception as exc:  # PyAV raises a family of FFmpeg errors; all mean "corrupt container"
         raise SampleRejected(VIDEO_DECODE, f"{what} does not decode as video ({exc})") from None
     if not frames:
+        if declared:
+            raise SampleRejected(VIDEO_DECODE, f"{what} declares {declared} frames but none decodes (corrupt file)")
         raise SampleRejected(EMPTY_VIDEO, f"{what} has 0 frames")
     return frames, fps

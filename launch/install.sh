@@ -30,4 +30,14 @@ if [ "$before" != "$after" ]; then
   echo "install.sh: pip replaced torch $before with $after; pin the offending package" >&2
   exit 1
 fi
+# DeepSpeed JIT-compiles its CPU communication op at the first distributed init (30-45 s, cached per machine under
+# ~/.cache/torch_extensions). Build it now, once, so the first training run or test does not stall on a compiler.
+"$PY" - <<'PYEOF'
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+PYEOF
 echo "install.sh: omni-moe installed in $VENV (torch $after)"

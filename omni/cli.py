@@ -3,6 +3,7 @@
     omni demo                                   # a tiny omni model on a mixed text/image/video/audio batch
     omni data synth OUT [--seed S] [--num N]    # the synthetic omni dataset + its webdataset shards
     omni data build MANIFEST --media-root DIR --out DIR
+    omni train RECIPE [key=value ...] [--dry-run]  # a training recipe, stage after stage; re-run to resume
     omni bench moe|ep|data [flags]              # benchmarks (side-by-side ratios in one run)
 
 Every subcommand explains its flags with --help.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omni import data_commands, demo
+from omni import data_commands, demo, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(sub)
     data_commands.add_parser(sub)
+    train.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (each prints side-by-side ratios measured in one run)",
                            description="Each benchmark takes its own flags; see `omni bench NAME --help`.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -34,6 +36,7 @@ BENCHMARKS = {
     "moe": "MoE layer vs transformers' MoE blocks and the active-dense GEMM floor",
     "ep": "EP=2 vs EP=1 DeepSpeed step time for the same global batch (2 processes)",
     "data": "reader + collator throughput vs the samples/s a tiny training step consumes",
+    "train_step": "training step tokens/s vs a same-size transformers Qwen2MoeForCausalLM (plain PyTorch loop)",
 }
 
 
