@@ -261,6 +261,15 @@ class ModalityRouter(nn.Module):
         # a single pool (every modality may use every column) needs no masking work in the hot path
         self.masks_columns = not all(all(row) for row in self.allowed_rows)
 
+    def _apply(self, fn, recurse=True):
+        # Keep the aux-free bias in fp32 through .to(bf16) / .half(): its updates (rate ~1e-3) vanish in bf16.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if moved.is_floating_point() and moved.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
+        return self
+
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [N, D], modality_ids [N] -> (masked fp32 logits [N, C], allowed [N, C] or None if nothing is masked)."""
         # fp32 at least (float64 stays float64, so gradcheck and fp64 references see no rounding)

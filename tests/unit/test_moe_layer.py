@@ -387,3 +387,13 @@ def test_update_aux_free_bias_moves_toward_underloaded_experts():
     assert block.gate.e_score_correction_bias.tolist() == [-0.5, 0.5, 0.0, 0.0, 0.5, -0.5, 0.0]
     with pytest.raises(ValueError, match="update_aux_free_bias"):
         block.update_aux_free_bias(torch.zeros(5))
+
+    block.update_aux_free_bias(loads)
+    bias = block.gate.e_score_correction_bias.clone()  # [-1, 1, 0, 0, 1, -1, 0] + 2**-12: not a bf16 value
+    assert bias.tolist() == [-1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0]
+    bias += 2.0**-12
+    block.gate.e_score_correction_bias.copy_(bias)
+    block.to(torch.bfloat16)
+    assert block.gate.weight.dtype == torch.bfloat16
+    assert block.gate.e_score_correction_bias.dtype == torch.float32  # updates of ~1e-3 would vanish in bf16
+    assert torch.equal(block.gate.e_score_correction_bias, bias)
