@@ -5,8 +5,8 @@
     loop     micro-batches -> forward -> guarded backward/step (non-finite on any rank: every rank skips)
              -> metrics (progress bar with tokens/s, TensorBoard), loss-spike flag, router-health alarm
              -> checkpoint every `save_every` steps
-    finish   a last checkpoint, and the stage's model gathered (experts from every EP rank, LoRA merged) and saved
-             as a Hugging Face folder that the next stage starts from
+    finish   a last checkpoint; the caller (omni/train.py) exports the model (experts gathered, LoRA merged) as the
+             Hugging Face folder the next stage starts from. `run.stop_after_steps` leaves early (finished=False).
 
 Every rank runs the same code and issues the same collectives in the same order; decisions that could differ per
 rank (skip a step, stop) are all-reduced first.
@@ -14,8 +14,11 @@ rank (skip a step, stop) are all-reduced first.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,8 @@ class RunSettings:
     spike_factor: float = 5.0
     router_alarm_max_over_mean: float = 4.0
     timeout_s: float = 1800.0
+    stop_after_steps: int | None = None  # leave after this many steps in this call (checkpoint saved)
+    tensorboard: bool = True
 
 
 @dataclass
@@ -67,7 +72,8 @@ class StageResult:
     setup: EngineSetup
     model: torch.nn.Module
     state: TrainingState
-    losses: list[float]
+    losses: list[float]  # mean loss over ranks of each step run in this call
+    finished: bool = True  # False: left early (stop_after_steps); the stage's last checkpoint has the position
 
 
 def _barrier() -> None:
@@ -88,10 +94,31 @@ def build_engine(model: torch.nn.Module, stage: StageSpec, run: RunSettings, mic
     prepare_expert_parallel(model, run.ep_size, timeout_s=run.timeout_s)
     model = prepare_model_for_stage(model, stage)
     plan = apply_stage(model, stage)
+    if not plan.trainable_experts and (run.zero_stage in (1, 2) or run.precision == "bf16"):
+        _keep_frozen_experts_in_a_moe_group(model, plan)
     groups = trainable_param_groups(model, plan, opt.lr, opt.weight_decay)
     setup = initialize_engine(model, ds_config, run.ep_size, activation_checkpointing=run.activation_checkpointing,
                               timeout_s=run.timeout_s, param_groups=groups)
     return setup, model, plan
+
+
+def _keep_frozen_experts_in_a_moe_group(model: torch.nn.Module, plan) -> None:
+    """DeepSpeed's ZeRO-1/2 and bf16 optimizers assert that an MoE model has at least one MoE parameter group, so a
+    stage that trains no routed expert (alignment) cannot simply freeze them. Instead the expert tensors stay in the
+    optimizer as fully row-masked tensors (stages.py's mechanism): a hook zeroes every row of their gradient and
+    their group has weight decay 0, so with a fresh AdamW their update is exactly 0 and they stay bitwise unchanged
+    (at the cost of their optimizer state)."""
+    from .stages import MaskedExperts, _grouped_experts, local_global_ids, unwrap_model
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    for block in unwrap_model(model).moe_blocks:
+        experts = _grouped_experts(block)
+        ids = tuple(local_global_ids(experts))
+        for attr in ("gate_up_proj", "down_proj"):
+            param = getattr(experts, attr)
+            param.requires_grad_(True)
+            plan.handles.append(param.register_hook(torch.zeros_like))
+            plan.masked.append(MaskedExperts(names[id(param)], param, ids, ()))
 
 
 def train_stage(
@@ -111,6 +138,8 @@ def train_stage(
     manager = CheckpointManager(stage_dir / "checkpoints", keep_last=run.keep_last, rank=rank, world_size=world,
                                 barrier=_barrier if dist.is_initialized() else None)
     state = TrainingState(step=0, stage=stage.name)
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_training_checkpoint(manager)
     if latest is not None:
         state = load_training_checkpoint(latest, setup, model)
@@ -118,21 +147,30 @@ def train_stage(
             loader.load_state_dict(state.data_state)
         log.warning("stage %s: resumed from %s at step %d", stage.name, latest, state.step)
 
-    writer = MetricsWriter(str(stage_dir / "tensorboard"), enabled=rank == 0)
+    writer = MetricsWriter(str(stage_dir / "tensorboard"), enabled=rank == 0 and run.tensorboard)
     spikes = LossSpikeDetector(factor=run.spike_factor)
+    if "loss_history" in state.extra:
+        spikes.load_state_dict(state.extra["loss_history"])
+    loss_log = stage_dir / "losses.jsonl"
     health = RouterHealth(config, max_over_mean=run.router_alarm_max_over_mean)
     losses: list[float] = []
     batches = _endless(loader)
     bar = tqdm(total=stage.steps, initial=state.step, desc=stage.name, disable=rank != 0, dynamic_ncols=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     nonfinite_in_a_row = 0
+    steps_this_call = 0
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
     while state.step < stage.steps:
+        if run.stop_after_steps is not None and steps_this_call >= run.stop_after_steps:
+            bar.close()
+            writer.close()
+            return StageResult(setup=setup, model=model, state=state, losses=losses, finished=False)
         step_losses = []
         while len(step_losses) < run.gradient_accumulation_steps:
-            batch = next(batches)
-            out = engine(**_model_inputs(batch))
-            if not guarded_backward_step(engine, out.loss):
+            batch = next(batches)  # an OmniBatch: model inputs + counts for logging
+            out = engine(**batch.inputs)
+            if not guarded_backward_step(engine, out.loss + _touch(trainable)):
                 # every rank dropped this micro-batch (no backward, no step): parameters are unchanged
                 state.nonfinite_skips += 1
                 nonfinite_in_a_row += 1
@@ -144,15 +182,19 @@ def train_stage(
                         f"step {state.step + 1}; aborting (raise run.max_nonfinite_in_a_row to tolerate more)")
                 continue
             nonfinite_in_a_row = 0
-            tokens = int(batch["attention_mask"].sum())
+            tokens = batch.num_tokens
             step_losses.append(out.loss.detach().float())
             window_tokens += tokens
-            state.samples_seen += int(batch["input_ids"].shape[0])
+            state.samples_seen += batch.num_samples
             state.tokens_seen += tokens
             health.update(out.router_outputs or [])
         state.step += 1
+        steps_this_call += 1
         loss = _mean_over_ranks(torch.stack(step_losses).mean())
         losses.append(loss)
+        if rank == 0:  # every step's loss, for plots and tests (a resumed run appends the steps it repeats)
+            with open(loss_log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.step, "loss": loss}) + "\n")
         if spikes.update(loss):
             log.warning("stage %s step %d: loss spike %.4f (> %.0fx the recent median)", stage.name, state.step, loss,
                         spikes.factor)
@@ -161,8 +203,8 @@ def train_stage(
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             tokens_per_s = window_tokens * world / elapsed
             report = health.report()
-            for alarm in report.alarms(run.router_alarm_max_over_mean):
-                log.warning("stage %s step %d: router health: %s", stage.name, state.step, alarm)
+            for alarm in report.alarms(run.router_alarm_max_over_mean) if rank == 0 else ():
+                log.warning("stage %s step %d: router health (rank 0's tokens): %s", stage.name, state.step, alarm)
             scalars = {
                 "train/loss": loss, "train/ce_loss": _item(out.ce_loss), "train/aux_loss": _item(out.aux_loss),
                 "train/z_loss": _item(out.z_loss), "train/lr": engine.get_lr()[0],
@@ -170,39 +212,61 @@ def train_stage(
                 "router/dead_experts": report.dead_experts, "router/max_over_mean": report.worst_max_over_mean,
                 "router/null_fraction": report.null_fraction, "train/nonfinite_skips": state.nonfinite_skips,
                 **router_scalars(out.router_outputs or [], list(config.modalities)),
+                **loader.counters.as_metrics(),
             }
             writer.scalars(scalars, state.step)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         bar.update(1)
-        if state.step % run.save_every == 0 or state.step == stage.steps:
+        stopping = run.stop_after_steps is not None and steps_this_call >= run.stop_after_steps
+        if state.step % run.save_every == 0 or state.step == stage.steps or stopping:
+            state.extra["loss_history"] = spikes.state_dict()
             save_training_checkpoint(manager, setup, model, state, data_state=loader.state_dict())
             if on_checkpoint is not None:
                 on_checkpoint(state.step)
+        _test_kill_hook(state.step)
     bar.close()
     writer.close()
     return StageResult(setup=setup, model=model, state=state, losses=losses)
 
 
+def _touch(params: list[torch.Tensor]) -> torch.Tensor:
+    """0 x one element of every trainable parameter. A rank whose micro-batch has no image (or no audio) never uses
+    the vision (audio) tower, so those parameters would get no gradient there while another rank's do, and the
+    ranks' gradient reductions would differ in size (a gloo size mismatch). With this term every rank reduces the
+    same parameters; unused ones get exact zeros."""
+    return torch.stack([p.reshape(-1)[0] for p in params]).sum() * 0.0
+
+
+TEST_KILL_AT_STEP, TEST_KILL_RANK = "OMNI_TEST_KILL_AT_STEP", "OMNI_TEST_KILL_RANK"
+
+
+def _test_kill_hook(step: int) -> None:
+    """TEST HOOK (tests/distributed/test_train_loop.py only; never set these in a real run): with
+    OMNI_TEST_KILL_AT_STEP=N and OMNI_TEST_KILL_RANK=R, rank R SIGKILLs itself right after finishing step N (and its
+    checkpoint, if one falls on N) -- on torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0 or unset), so
+    the restarted job runs through. Simulates a node dying mid-stage."""
+    at = os.environ.get(TEST_KILL_AT_STEP)
+    if at is None or int(at) != step or int(os.environ.get(TEST_KILL_RANK, "0")) != get_rank():
+        return
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        log.warning("test hook: rank %d kills itself after step %d", get_rank(), step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _endless(loader: Iterable):
-    """Batches across epoch boundaries (the loader's own state tracks the epoch)."""
+    """Batches across epoch boundaries (the loader's own state tracks the epoch). One empty epoch is normal: a
+    position saved right after an epoch's last batch resumes into an epoch with nothing left. Two in a row mean
+    the data yields no batch at all."""
+    empty_epochs = 0
     while True:
-        empty = True
+        empty_epochs += 1
         for batch in loader:
-            empty = False
+            empty_epochs = 0
             yield batch
-        if empty:
-            raise RuntimeError("the data loader produced no batch in a whole epoch")
-
-
-MODEL_INPUTS = (
-    "input_ids", "attention_mask", "position_ids", "modality_ids", "labels", "pixel_values", "pixel_values_videos",
-    "audio_features", "audio_chunk_counts", "audio_token_counts",
-)
-
-
-def _model_inputs(batch: Any) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
+        if empty_epochs >= 2:
+            raise RuntimeError("the data loader produced no batch in two epochs in a row (no data for this rank, "
+                               "or every sample dropped: see the data/ drop counters)")
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:

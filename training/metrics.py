@@ -64,7 +64,7 @@ def collapse_threshold(pool_size: int, max_over_mean: float) -> float:
 class RouterHealth:
     """Accumulates `tokens_per_expert [M, C]` of every MoE layer over a window of steps and judges each pool."""
 
-    def __init__(self, config, min_tokens_per_expert: float = 8.0, max_over_mean: float = 4.0):
+    def __init__(self, config, min_tokens_per_expert: float = 64.0, max_over_mean: float = 4.0):
         self.pools = {k: list(v) for k, v in config.expert_pools().items() if k != "null" and len(v)}
         self.modalities = list(config.modalities)
         self.min_tokens_per_expert = min_tokens_per_expert

@@ -1,0 +1,140 @@
+"""`omni train` end to end on real processes (2 ranks, EP=2, ZeRO-1, fp32, gloo), incl. crash/restart.
+
+One tiny synthetic dataset (data.synth + build_shards) is shared. Launches:
+  * full: the shipped recipe, all three stages, a few steps each (`omni train` re-launches itself via torchrun);
+  * straight: one stage of 12 steps (the reference);
+  * split: the same with train.stop_after_steps=6, then the same command again (automatic resume);
+Every step's loss comes from OUTPUT/<stage>/losses.jsonl (rank 0; a restarted run appends the steps it repeats, so the
+last entry per step counts), final weights from OUTPUT/<stage>/model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE = "recipes/tiny_omni.yaml"
+SINGLE_STAGE = "stages=[{name: experts, preset: modality_experts, steps: 12, optimizer: {lr: 1.0e-2, warmup_steps: 1}}]"
+LAUNCH_TIMEOUT_S = 240
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _launch(command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher in its own session; on timeout kill the whole session (torchrun and its ranks)."""
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env={**_env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(command)} timed out after {LAUNCH_TIMEOUT_S} s:\n{out[-6000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, "")
+
+
+def omni_train(data: dict, output: Path, *overrides: str, extra_env=None):
+    """`omni train` on the shipped recipe with test-sized overrides (it re-launches itself through torchrun)."""
+    args = [RECIPE, f"run.output_dir={output}", f"model.tokenizer.bpe_from={data['manifest']}",
+            f"data.sources.synth={data['shards']}", "data.samples_per_epoch=8", "train.log_every=1",
+            "train.save_every=2", *overrides]
+    result = _launch([sys.executable, "-m", "omni.cli", "train", *args], extra_env)
+    assert result.returncode == 0, result.stdout[-8000:]
+    return result
+
+
+def losses(output: Path, stage: str) -> dict[int, float]:
+    by_step = {}
+    for line in (output / stage / "losses.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        by_step[entry["step"]] = entry["loss"]  # the last entry of a repeated step wins
+    return by_step
+
+
+def weights(output: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(str(output / stage / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    from data.quality import DropPolicy
+    from data.shards import build_shards
+    from data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    manifest = generate(root, seed=0, splits={"train": 44})["train"]
+    build_shards(manifest, root, root / "shards", max_samples_per_shard=11, policy=DropPolicy(strict=True),
+                 progress=False)
+    return {"manifest": str(manifest), "shards": str(root / "shards")}
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("straight")
+    omni_train(data, output, SINGLE_STAGE)
+    return output
+
+
+@pytest.mark.timeout(300)
+def test_full_recipe_runs_every_stage_and_exports_loadable_models(data, tmp_path):
+    """(a) The shipped recipe, 3 stages x 8 steps on 2 processes (EP=2): each stage's loss falls (mean of the first
+    two steps vs the last two; the data repeats every 2 steps), TensorBoard has train/loss and router scalars, and
+    each stage's folder loads with OmniMoeForCausalLM.from_pretrained. A re-run skips the finished stages."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from modeling.modeling_omni import OmniMoeForCausalLM
+
+    stages = ("alignment", "modality_experts", "mixed_lora")
+    overrides = [f"stages.{i}.{key}" for i in range(3) for key in ("steps=8", "optimizer.lr=1.0e-2")]
+    omni_train(data, tmp_path, *overrides)
+    for stage in stages:
+        by_step = losses(tmp_path, stage)
+        assert sorted(by_step) == list(range(1, 9)), (stage, by_step)
+        first, last = (by_step[1] + by_step[2]) / 2, (by_step[7] + by_step[8]) / 2
+        assert last < first - 0.05, (stage, by_step)
+        events = EventAccumulator(str(tmp_path / stage / "tensorboard"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "data/accepted"} <= tags, tags
+        assert any(t.startswith("router/layer0/") for t in tags) and "router/max_over_mean" in tags, tags
+        assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+        assert json.loads((tmp_path / stage / "DONE.json").read_text())["steps"] == 8
+        model = OmniMoeForCausalLM.from_pretrained(str(tmp_path / stage / "model"))
+        assert model.config.num_routed_experts == 10 and not any(torch.isnan(p).any() for p in model.parameters())
+    again = omni_train(data, tmp_path, *overrides)
+    assert all(f"stage {s} already done" in again.stdout for s in stages), again.stdout[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_split_resume_through_the_loop_equals_straight_run(data, straight, tmp_path):
+    """(c) GUIDE §5.1 through `omni train`: 12 steps straight vs 6 (train.stop_after_steps=6), stop, the same
+    command again -> every loss `==` and the exported weights `torch.equal`."""
+    first = omni_train(data, tmp_path, SINGLE_STAGE, "train.stop_after_steps=6")
+    assert "stopped at step 6" in first.stdout
+    assert sorted(losses(tmp_path, "experts")) == list(range(1, 7))
+    assert not (tmp_path / "experts" / "model").exists()
+    second = omni_train(data, tmp_path, SINGLE_STAGE)
+    assert "resumed from" in second.stdout and "at step 6" in second.stdout, second.stdout[-3000:]
+    reference = losses(straight, "experts")
+    assert sorted(reference) == list(range(1, 13))
+    assert losses(tmp_path, "experts") == reference
+    assert reference[12] < reference[1]
+    want, got = weights(straight, "experts"), weights(tmp_path, "experts")
+    assert want.keys() == got.keys()
+    unequal = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not unequal, unequal[:5]

@@ -1,0 +1,79 @@
+"""Recipes: the shipped recipe loads, dotted overrides, errors that name the key, and the dry run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from omni.recipe import RecipeError, apply_overrides, load_recipe
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = REPO_ROOT / "recipes" / "tiny_omni.yaml"
+
+
+def test_shipped_recipe_loads_and_starts_with_its_command():
+    recipe = load_recipe(TINY)
+    assert TINY.read_text().splitlines()[0].startswith("# omni data synth") and "omni train recipes/tiny_omni.yaml" \
+        in TINY.read_text().splitlines()[0]
+    assert [s.name for s in recipe.stages] == ["alignment", "modality_experts", "mixed_lora"]
+    assert [s.preset for s in recipe.stages] == ["alignment", "modality_experts", "mixed_lora"]
+    assert recipe.run.nproc_per_node == 2 and recipe.parallel.ep_size == 2 and recipe.parallel.precision == "fp32"
+    assert recipe.stages[2].lora is not None and recipe.stages[2].lora.r == 4
+    assert recipe.data.sources == {"synth": "data/synth/shards/train"}
+
+
+def test_overrides_nested_list_index_and_yaml_scalars():
+    recipe = load_recipe(TINY, ["train.save_every=2", "stages.0.steps=10", "parallel.ep_size=1",
+                                "stages.1.optimizer.lr=1e-3", "train.activation_checkpointing=true",
+                                "data.batching.batch_size=2", "train.stop_after_steps=null"])
+    assert recipe.train.save_every == 2 and recipe.stages[0].steps == 10 and recipe.parallel.ep_size == 1
+    assert recipe.stages[1].optimizer.lr == 1e-3 and recipe.train.activation_checkpointing is True
+    assert recipe.data.batching["batch_size"] == 2 and recipe.train.stop_after_steps is None
+    # a whole list as a YAML flow value replaces the stages
+    recipe = load_recipe(TINY, ["stages=[{name: only, preset: modality_experts, steps: 3}]"])
+    assert [(s.name, s.steps) for s in recipe.stages] == [("only", 3)]
+    raw = {"a": [{"b": 1}]}
+    assert apply_overrides(raw, ["a.0.b=2"]) == {"a": [{"b": 2}]} and raw == {"a": [{"b": 1}]}  # a copy
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.save_every=often", "train.save_every must be int"),
+    ("parallel.ep_size=1.5", "parallel.ep_size must be int"),
+    ("stages.0.steps=-1", "steps must be a positive integer"),
+    ("stages.7.steps=3", "stages.7 is not an index"),
+    ("train.save_evry=3", "unknown key train.save_evry"),
+    ("trian.save_every=3", "unknown key trian"),
+    ("parallel.zero_stage=3", "parallel.zero_stage must be 0, 1 or 2"),
+    ("stages.0.data.0.source=nope", "stages.0.data.0.source: 'nope' is not one of data.sources"),
+    ("parallel.ep_size=4", "must divide run.nproc_per_node"),
+    ("train.save_every", "expected KEY=VALUE"),
+])
+def test_bad_values_and_keys_name_the_key(override, message):
+    with pytest.raises(RecipeError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_recipe(TINY, [override])
+
+
+def test_missing_and_conflicting_model_sections(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    del raw["run"]["output_dir"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=r"missing key run\.output_dir"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="exactly one of config, upcycle or from"):
+        load_recipe(TINY, ["model.from=/some/folder"])
+
+
+def test_dry_run_prints_config_data_plan_and_parameter_layout(capsys):
+    from omni.cli import main
+
+    assert main(["train", str(TINY), "--dry-run", "stages.0.steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 5" in out  # the resolved config, overrides applied
+    assert "stage alignment: 5 steps" in out and "data/synth/shards/train" in out
+    line = next(l for l in out.splitlines() if l.startswith("parameters:"))
+    total, active = (int(x.split()[-1].replace(",", "")) for x in line.removeprefix("parameters:").split(", active"))
+    assert 0 < active < total
+    assert "10 routed" in out and "EP=2: 5 experts per rank" in out
