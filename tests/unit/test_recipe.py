@@ -21,7 +21,7 @@ def test_shipped_recipe_loads_and_starts_with_its_command():
     assert [s.preset for s in recipe.stages] == ["alignment", "modality_experts", "mixed_lora"]
     assert recipe.run.nproc_per_node == 2 and recipe.parallel.ep_size == 2 and recipe.parallel.precision == "fp32"
     assert recipe.stages[2].lora is not None and recipe.stages[2].lora.r == 4
-    assert recipe.data.sources == {"synth": "data/synth/shards/train"}
+    assert recipe.data.sources == {"synth": "runs/synth/shards/train"}
 
 
 def test_overrides_nested_list_index_and_yaml_scalars():
@@ -72,7 +72,7 @@ def test_dry_run_prints_config_data_plan_and_parameter_layout(capsys):
     assert main(["train", str(TINY), "--dry-run", "stages.0.steps=5"]) == 0
     out = capsys.readouterr().out
     assert "steps: 5" in out  # the resolved config, overrides applied
-    assert "stage alignment: 5 steps" in out and "data/synth/shards/train" in out
+    assert "stage alignment: 5 steps" in out and "runs/synth/shards/train" in out
     line = next(l for l in out.splitlines() if l.startswith("parameters:"))
     total, active = (int(x.split()[-1].replace(",", "")) for x in line.removeprefix("parameters:").split(", active"))
     assert 0 < active < total
