@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     synth.add_argument("--eval-num", type=int, default=None, help="samples per val/test split (default num // 10)")
     synth.add_argument("--image-size", type=int, default=32, help="canvas size of images and video frames (px)")
     synth.add_argument("--tasks", default=None, help="comma-separated subset of tasks (default: all)")
-    synth.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per tar shard")
+    synth.add_argument("--max-samples-per-shard", type=int, default=100,
+                       help="samples per tar shard (small: every rank x dataloader worker needs shards of its own)")
     synth.add_argument("--no-shards", action="store_true", help="write media and manifests only")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT")
     synth.set_defaults(handler=run_synth)

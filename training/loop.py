@@ -280,5 +280,5 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 def _item(value: Any) -> float | None:
     if value is None:
         return None
-    value = float(value)
+    value = float(value.detach() if isinstance(value, torch.Tensor) else value)
     return value if math.isfinite(value) else None
