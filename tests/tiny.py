@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import CLIPVisionConfig, Qwen2Config, SiglipVisionConfig, WhisperConfig
 
 from modeling.configuration_omni import OmniMoeConfig
@@ -57,3 +58,14 @@ def tiny_qwen2_config(**kw) -> Qwen2Config:
     fields.update(rope_parameters={"rope_type": "default", "rope_theta": theta}, pad_token_id=0, eos_token_id=1)
     fields.update(kw)
     return Qwen2Config(**fields)
+
+
+def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token rows of different lengths, padded on the right with id 0."""
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask

@@ -1,6 +1,5 @@
 """generate() on processed multimodal prompts: 3D positions continue correctly and the KV cache changes nothing."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from modeling.configuration_omni import OmniMoeConfig
 from modeling.media import audio_chunk_count, audio_token_count, image_token_count, video_token_count
 from modeling.modeling_omni import OmniMoeForCausalLM
-from tests.tiny import AUDIO_ID, IMAGE_ID, VIDEO_ID, tiny_config
+from tests.tiny import AUDIO_ID, IMAGE_ID, VIDEO_ID, right_padded, tiny_config
 
 
 def mixed_batch(config, seed=0):
@@ -23,12 +23,7 @@ def mixed_batch(config, seed=0):
         text(2) + [VIDEO_ID] * n_vid + text(3),
         text(4) + [AUDIO_ID] * n_aud + text(2),
     ]
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = right_padded(rows)
     labels = ids.masked_fill(mask == 0, -100)
     for tid in (IMAGE_ID, VIDEO_ID, AUDIO_ID):
         labels = labels.masked_fill(ids == tid, -100)

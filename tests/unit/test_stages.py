@@ -6,7 +6,7 @@ from torch import nn
 
 from modeling.media import audio_chunk_count, audio_token_count, image_token_count
 from modeling.modeling_omni import OmniMoeForCausalLM
-from tests.tiny import AUDIO_ID, IMAGE_ID, tiny_config
+from tests.tiny import AUDIO_ID, IMAGE_ID, right_padded, tiny_config
 from training.stages import (
     StageConfigError,
     StageSpec,
@@ -25,12 +25,7 @@ def media_batch(config, audio=True, seed=0):
     samples = 9600
     if audio:
         rows.append(text(2) + [AUDIO_ID] * audio_token_count(config, samples) + text(3))
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = right_padded(rows)
     size = config.vision_config.image_size
     batch = dict(
         input_ids=ids,
