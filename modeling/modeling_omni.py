@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.utils import ModelOutput
 
 from .configuration_omni import OmniMoeConfig
-from .decoder import OmniDecoderLayer, OmniMoeModel, RMSNorm
+from .decoder import OmniMoeModel, RMSNorm
 from .media import OmniMediaTower
 from .moe import GroupedExperts, ModalityRouter, MoeRouterOutput, OmniSparseMoeBlock
 from .rope import OmniRotaryEmbedding
