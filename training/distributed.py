@@ -7,11 +7,15 @@ process group). Backend: NCCL when CUDA is available, gloo otherwise.
 
 Every process group gets a finite timeout: with gloo, a rank that issues fewer collectives than the others (an error
 path, a skipped empty expert) blocks its peers until that timeout, so a short one turns a hang into an error.
+
+torchrun restarts (`--max-restarts`) need a fresh rendezvous store per attempt: `check_restartable_store` explains why
+and refuses a restarted attempt that would reuse the old one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -93,6 +97,7 @@ def init_distributed(
                 raise ValueError(f"init_distributed: {name} is not set (torchrun and the deepspeed launcher set it)")
         local_rank = _env_int("LOCAL_RANK")
         os.environ.setdefault("LOCAL_RANK", str(rank if local_rank is None else local_rank))
+        check_restartable_store(rank)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(
@@ -107,6 +112,36 @@ def init_distributed(
             verbose=False,
         )
     return dist_info()
+
+
+SHARED_STORE_SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def check_restartable_store(rank: int = 0) -> None:
+    """Fail fast where a torchrun restart cannot rendezvous, instead of hanging until the process-group timeout.
+
+    torchrun's agent lends the ranks its own TCPStore (it sets TORCHELASTIC_USE_AGENT_STORE=True) and keeps that
+    store across restarts. Restarted ranks create their process groups under the same store keys as the dead ones
+    (group names restart from 0 in every process), so a rank may read a dead peer's gloo/NCCL address before the
+    peer's new incarnation overwrote it, and connectFullMesh then times out (measured with a plain torch script:
+    2 of 4 restarts with a c10d endpoint, 4 of 4 with --standalone; docs/launch.md). With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (launch/torchrun.sh sets it) every rendezvous
+    round publishes a fresh MASTER_PORT and rank 0 hosts a new, empty store. Raises on a restarted attempt with the
+    shared store; warns (rank 0) on a first attempt that could be restarted."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT") or 0
+    if attempt > 0:
+        raise RuntimeError(
+            f"init_distributed: torchrun restarted this job (TORCHELASTIC_RESTART_COUNT={attempt}) but lends the "
+            f"ranks its TCPStore, which still holds the dead ranks' process-group addresses: the restarted groups "
+            f"would time out connecting to them. Launch with {SHARED_STORE_SWITCH}=1 in torchrun's environment "
+            f"(launch/torchrun.sh does) so that every restart gets a fresh store.")
+    if rank == 0 and (_env_int("TORCHELASTIC_MAX_RESTARTS") or 0) > 0:
+        logging.getLogger(__name__).warning(
+            "torchrun may restart this job (TORCHELASTIC_MAX_RESTARTS=%s) but shares its TCPStore with the ranks: a "
+            "restart would fail. Set %s=1 in torchrun's environment (launch/torchrun.sh does).",
+            os.environ.get("TORCHELASTIC_MAX_RESTARTS"), SHARED_STORE_SWITCH)
 
 
 def dist_info() -> DistInfo:
@@ -189,7 +224,9 @@ def remove_deepspeed_shm_buffers() -> int:
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "SHARED_STORE_SWITCH",
     "DistInfo",
+    "check_restartable_store",
     "default_backend",
     "dist_info",
     "free_port",
