@@ -9,6 +9,9 @@ What one checkpoint folder (published by `CheckpointManager`: staged, checksumme
     rank-NNNNN/rng.safetensors     every rank: Python / NumPy / torch generator states (training/rng.py)
     rank-NNNNN/training_state.json every rank: TrainingState incl. this rank's data position and the LR scheduler
     training_layout.json           rank 0: world/EP/ZeRO layout, expert file map, engine counters
+    model_config.json              rank 0: the model's OmniMoeConfig (stage MoE overrides included), and
+    lora/adapter_config.json       with a PEFT adapter, its LoraConfig: the checkpoint describes its own model, so
+                                   it loads for inference without the recipe (omni/loading.py)
     deepspeed/                     DeepSpeed's own files: optimizer state (ZeRO partitions incl. the MoE groups'
                                    fp32 master weights and Adam moments), LR scheduler, engine counters
 
@@ -60,6 +63,8 @@ RNG_FILE = "rng.safetensors"
 STATE_FILE = "training_state.json"
 DEEPSPEED_TAG = "deepspeed"
 EXPERT_SEPARATOR = ".expert."
+MODEL_CONFIG_FILE = "model_config.json"
+LORA_CONFIG_DIR = "lora"
 LAYOUT_FORMAT = "omni-training-checkpoint"
 LAYOUT_FORMAT_VERSION = 1
 # DeepSpeed drops these into its folder; they would rebuild a model from rank 0's module state only (our experts
@@ -345,6 +350,7 @@ def save_training_checkpoint(manager: CheckpointManager, setup: EngineSetup, mod
                     **current_layout(setup, model), "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
                     "dense_file": DENSE_FILE, "expert_files": expert_files if experts else {},
                     "ep_bound_keys": sorted(ep_bound), "deepspeed_tag": DEEPSPEED_TAG,
+                    **_write_model_description(ckpt.path, model),
                 })
     except Exception as err:  # every rank must reach the same collectives below
         error = err
@@ -356,6 +362,25 @@ def save_training_checkpoint(manager: CheckpointManager, setup: EngineSetup, mod
         for script in _DEEPSPEED_RECOVERY_SCRIPTS:  # DeepSpeed copies them next to its tag folder
             (ckpt.path / script).unlink(missing_ok=True)
     return manager.commit(ckpt, metadata)
+
+
+def _write_model_description(folder: Path, model: nn.Module) -> dict[str, Any]:
+    """Rank 0: the model's config and, for a PEFT-wrapped model, its LoRA config, so that the checkpoint can be
+    rebuilt for inference without the recipe. Returns the layout entries naming the files."""
+    from .lora import unwrap_model
+
+    try:
+        config = unwrap_model(model).config
+    except TypeError:  # not an OmniMoeForCausalLM (e.g. a test's toy model): nothing omni/loading.py could load
+        return {"model_config_file": None, "lora_config_dir": None}
+    write_json(folder / MODEL_CONFIG_FILE, json.loads(config.to_json_string(use_diff=False)))
+    peft_configs = getattr(model, "peft_config", None) or {}
+    if len(peft_configs) > 1:
+        raise CheckpointLayoutError(f"the model carries {len(peft_configs)} PEFT adapters {sorted(peft_configs)}; "
+                                    "a checkpoint describes one")
+    for lora_config in peft_configs.values():
+        lora_config.save_pretrained(str(folder / LORA_CONFIG_DIR))
+    return {"model_config_file": MODEL_CONFIG_FILE, "lora_config_dir": LORA_CONFIG_DIR if peft_configs else None}
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -512,7 +537,8 @@ def load_training_checkpoint(path: str | Path, setup: EngineSetup, model: nn.Mod
 
 
 __all__ = [
-    "DEEPSPEED_TAG", "DENSE_FILE", "EXPERT_FILE", "EXPERT_SEPARATOR", "LAYOUT_FILE", "CheckpointLayoutError",
+    "DEEPSPEED_TAG", "DENSE_FILE", "EXPERT_FILE", "EXPERT_SEPARATOR", "LAYOUT_FILE", "LORA_CONFIG_DIR",
+    "MODEL_CONFIG_FILE", "CheckpointLayoutError",
     "MasterWeightMismatchError", "check_master_weights", "current_layout", "deepspeed_safe_globals",
     "latest_training_checkpoint", "load_training_checkpoint", "master_weight_fragments", "save_training_checkpoint",
 ]
