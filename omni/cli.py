@@ -4,7 +4,10 @@
     omni data synth OUT [--seed S] [--num N]    # the synthetic omni dataset + its webdataset shards
     omni data build MANIFEST --media-root DIR --out DIR
     omni train RECIPE [key=value ...] [--dry-run]  # a training recipe, stage after stage; re-run to resume
+    omni export CHECKPOINT OUT [--merge-lora] [--push-to-hub REPO_ID [--private] [--dry-run]]  # -> HF folder / Hub
+    omni eval CHECKPOINT --data DIR [--split test] [--json OUT] [--routing]  # exact match per modality/task
     omni bench moe|ep|data [flags]              # benchmarks (side-by-side ratios in one run)
+    omni chat PATH [-p PROMPT --image x.png ...] [--json]  # chat with a model; media attached by path
 
 Every subcommand explains its flags with --help.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omni import data_commands, demo, train
+from omni import chat, data_commands, demo, evaluate, export, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     data_commands.add_parser(sub)
     train.add_parser(sub)
+    export.add_parser(sub)
+    chat.add_parser(sub)
+    evaluate.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (each prints side-by-side ratios measured in one run)",
                            description="Each benchmark takes its own flags; see `omni bench NAME --help`.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -1,0 +1,392 @@
+"""`omni eval`: exact-match accuracy per modality and per task, and where each modality's tokens are routed.
+
+    omni eval CHECKPOINT --data DIR [--split test] [--limit N] [--batch-size 64] [--max-new-tokens 16]
+              [--json OUT] [--routing]
+
+CHECKPOINT is an exported model folder (`omni.loading.load_model_and_processor`). DIR is a canonical dataset folder
+(`omni data synth DIR` makes one): `DIR/<split>.jsonl` holds one sample a line, media paths relative to DIR.
+
+For every sample the LAST assistant turn is the reference: the messages before it are the prompt (chat template with
+the generation prompt, left padding), the model answers greedily (batched `generate`, prompts sorted by length) and
+the answer is scored by exact match after `data.synth.normalize_answer` (case, whitespace, one trailing period).
+Results are grouped by the sample's modality (`meta.modality`, else the kind of its first media marker, else text)
+and by its task (`meta.task`). `--routing` adds one teacher-forced forward pass over the full conversations and
+reports, per token modality, how the routers' probability mass splits between its own intra-modality pool, the
+inter-modality pool, other modalities' pools (0 by construction: the router masks them) and the null experts.
+
+Python API (the training recipe calls it after each stage):
+
+    samples = load_split("runs/synth", "test")
+    report = evaluate(model, processor, samples, "runs/synth", batch_size=64, max_new_tokens=16, routing=True)
+    print(report.format_table()); report.to_dict(checkpoint=..., split="test")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from data.collate import OmniCollator
+from data.importers import read_manifest
+from data.media import (
+    decode_audio,
+    decode_image,
+    decode_video_container,
+    decode_video_frames,
+)
+from data.quality import SampleRejected
+from data.schema import primary_modality, to_processor_messages, validate_sample
+from data.synth import score
+
+NO_TASK = "unspecified"  # samples of datasets that do not name a task in meta.task
+EXAMPLES_PER_TASK = 2
+
+
+# ----------------------------------------------------------------------------- data
+def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[dict]:
+    """The first `limit` (all if None) validated canonical samples of `DIR/<split>.jsonl`, in file order."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such dataset folder (make one with `omni data synth {data_dir}`)")
+    manifest = data_dir / f"{split}.jsonl"
+    if not manifest.is_file():
+        found = sorted(p.stem for p in data_dir.glob("*.jsonl"))
+        raise FileNotFoundError(f"{manifest}: no such split file; splits in {data_dir}: {found or 'none'}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    samples = []
+    for entry in read_manifest(manifest):
+        if limit is not None and len(samples) >= limit:
+            break
+        try:
+            if entry.error is not None:
+                raise entry.error
+            samples.append(validate_sample(entry.record))
+        except SampleRejected as exc:
+            raise ValueError(f"{data_dir / entry.where}: bad sample ({exc})") from None
+    if not samples:
+        raise ValueError(f"{manifest}: no samples to evaluate")
+    return samples
+
+
+def sample_task(sample: dict) -> str:
+    return str((sample.get("meta") or {}).get("task") or NO_TASK)
+
+
+def _media_file(data_dir: Path, relative: str, sample: dict) -> bytes:
+    if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+        # the same rule as the shard builder: a manifest names files inside its dataset folder only
+        raise ValueError(f"sample {sample['id']!r}: media path {relative!r} must be relative to {data_dir}, "
+                         f"without '..'")
+    path = data_dir / relative
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"sample {sample['id']!r}: cannot read media file {path} ({exc})") from None
+
+
+def load_media(sample: dict, data_dir: str | Path, audio_sampling_rate: int = 16000) -> dict:
+    """Decode a canonical sample's media (paths relative to `data_dir`) with `data.media`'s decoders."""
+    data_dir = Path(data_dir)
+    try:
+        images = [decode_image(_media_file(data_dir, rel, sample), rel) for rel in sample["images"]]
+        videos, fps = [], list(sample.get("video_fps") or [None] * len(sample["videos"]))
+        for i, video in enumerate(sample["videos"]):
+            if isinstance(video, str):
+                frames, container_fps = decode_video_container(_media_file(data_dir, video, sample), video)
+                fps[i] = fps[i] if fps[i] is not None else container_fps
+            else:
+                frames = decode_video_frames([_media_file(data_dir, rel, sample) for rel in video], video[0])
+            videos.append(frames)
+        audios = [decode_audio(_media_file(data_dir, rel, sample), rel, target_rate=audio_sampling_rate)[0]
+                  for rel in sample["audios"]]
+    except SampleRejected as exc:
+        raise ValueError(f"sample {sample['id']!r} in {data_dir}: {exc}") from None
+    return {"images": images, "videos": videos, "video_fps": fps, "audios": audios}
+
+
+def _audio_rate(processor) -> int:
+    extractor = getattr(processor, "feature_extractor", None)
+    return int(extractor.sampling_rate) if extractor is not None else 16000
+
+
+def _length_order(processor, samples: list[dict], data_dir: Path, prompt_only: bool) -> list[int]:
+    """Sample indices sorted by processed length (longest first), so a batch wastes little on padding.
+
+    Token counts come from `OmniCollator.sequence_length` (the processor's own layout and media counts); only
+    audio needs decoding for it (its token count depends on the clip's length), images and videos are counted."""
+    collator = OmniCollator(processor)
+    rate = _audio_rate(processor)
+    lengths = []
+    for sample in samples:
+        audios = [range(len(decode_audio(_media_file(data_dir, rel, sample), rel, target_rate=rate)[0]))
+                  for rel in sample["audios"]]  # sequence_length only takes len() of each clip
+        messages = sample["messages"][:-1] if prompt_only else sample["messages"]
+        lengths.append(collator.sequence_length({**sample, "messages": messages, "audios": audios}))
+    return sorted(range(len(samples)), key=lambda i: -lengths[i])  # stable: ties keep file order
+
+
+def _batches(order: list[int], batch_size: int):
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _process(processor, samples: list[dict], data_dir: Path, prompt_only: bool):
+    """One processor call for a batch: prompts (left-padded, generation prompt) or full conversations (right)."""
+    rate = _audio_rate(processor)
+    conversations, images, videos, fps, audios = [], [], [], [], []
+    for sample in samples:
+        media = load_media(sample, data_dir, rate)
+        messages = sample["messages"][:-1] if prompt_only else sample["messages"]
+        conversations.append(to_processor_messages(messages))
+        images += media["images"]
+        videos += media["videos"]
+        fps += [f if f is not None else processor.video_fps for f in media["video_fps"]]
+        audios += media["audios"]
+    return processor(conversations, images=images or None, videos=videos or None, audios=audios or None,
+                     video_fps=fps or None, add_generation_prompt=prompt_only, return_labels=False,
+                     padding_side="left" if prompt_only else "right")
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class Prediction:
+    sample_id: str
+    task: str
+    modality: str
+    question: str
+    answer: str
+    prediction: str
+
+    @property
+    def correct(self) -> bool:
+        return score(self.prediction, self.answer)
+
+
+@dataclass
+class EvalReport:
+    """Exact match (a fraction in [0, 1]) per modality, per task and overall, plus every prediction."""
+
+    per_modality: dict[str, dict]
+    per_task: dict[str, dict]
+    overall: float
+    num_samples: int
+    predictions: list[Prediction]
+    routing: dict | None = None
+    examples: list[dict] = field(default_factory=list)
+
+    def to_dict(self, checkpoint: str | None = None, split: str | None = None) -> dict:
+        out = {"per_modality": self.per_modality, "per_task": self.per_task, "overall": self.overall,
+               "num_samples": self.num_samples, "checkpoint": checkpoint, "split": split, "examples": self.examples}
+        if self.routing is not None:
+            out["routing"] = self.routing
+        return out
+
+    def format_table(self) -> str:
+        lines = [f"{'modality':<20} {'n':>6} {'exact match':>12}"]
+        lines += [f"{m:<20} {r['n']:>6} {100 * r['exact_match']:>10.1f} %" for m, r in self.per_modality.items()]
+        lines += ["", f"{'task':<20} {'n':>6} {'exact match':>12}"]
+        lines += [f"{t:<20} {r['n']:>6} {100 * r['exact_match']:>10.1f} %" for t, r in self.per_task.items()]
+        lines += ["", f"{'overall':<20} {self.num_samples:>6} {100 * self.overall:>10.1f} %"]
+        if self.routing is not None:
+            title = (f"routing: share of routed probability mass, mean over {self.routing['num_moe_layers']} "
+                     f"MoE layers (per token modality)")
+            header = (f"{'modality':<10} {'tokens':>8} {'intra':>7} {'inter':>7} {'other':>7} {'null':>7} "
+                      f"{'intra+inter':>12} {'uniform intra':>14}")
+            lines += ["", title, header]
+            for m, r in self.routing["per_modality"].items():
+                lines.append(f"{m:<10} {r['tokens']:>8} {r['intra']:>7.3f} {r['inter']:>7.3f} "
+                             f"{r['other_pools']:>7.3f} {r['null']:>7.3f} {r['intra_plus_inter']:>12.3f} "
+                             f"{r['uniform_intra_share']:>14.3f}")
+        return "\n".join(lines)
+
+
+def _group_accuracy(predictions: list[Prediction], key) -> dict[str, dict]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        groups[key(p)].append(p.correct)
+    return {name: {"n": len(hits), "exact_match": sum(hits) / len(hits)} for name, hits in sorted(groups.items())}
+
+
+def score_predictions(predictions: list[Prediction]) -> EvalReport:
+    """The aggregation `evaluate` and the CLI use: exact match per modality, per task and overall (micro)."""
+    if not predictions:
+        raise ValueError("no predictions to score")
+    examples, shown = [], defaultdict(int)
+    for p in predictions:
+        if shown[p.task] < EXAMPLES_PER_TASK:
+            shown[p.task] += 1
+            examples.append({"id": p.sample_id, "task": p.task, "modality": p.modality, "question": p.question,
+                             "answer": p.answer, "prediction": p.prediction, "correct": p.correct})
+    return EvalReport(
+        per_modality=_group_accuracy(predictions, lambda p: p.modality),
+        per_task=_group_accuracy(predictions, lambda p: p.task),
+        overall=sum(p.correct for p in predictions) / len(predictions),
+        num_samples=len(predictions),
+        predictions=predictions,
+        examples=examples,
+    )
+
+
+# ----------------------------------------------------------------------------- model passes
+def _stop_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos (ChatML `<|im_end|>`) and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_answers(model, processor, samples: list[dict], data_dir: str | Path, *, batch_size: int = 64,
+                     max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers to every sample's prompt (messages before the last assistant turn), in sample order."""
+    data_dir, tokenizer = Path(data_dir), processor.tokenizer
+    stop_ids = _stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    # a generated media placeholder would have no media behind it at the next step (the model raises): an
+    # undertrained model can emit one, so it is never a candidate
+    placeholders = [i for i in (model.config.image_token_id, model.config.video_token_id,
+                                model.config.audio_token_id) if i is not None]
+    answers: list[str | None] = [None] * len(samples)
+    order = _length_order(processor, samples, data_dir, prompt_only=True)
+    for indices in _progress(list(_batches(order, batch_size)), "eval generate"):
+        inputs = _process(processor, [samples[i] for i in indices], data_dir, prompt_only=True).to(model.device)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   eos_token_id=stop_ids, pad_token_id=pad_id, suppress_tokens=placeholders)
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:].tolist()
+        for i, tokens in zip(indices, new_tokens):
+            # cut at the first end-of-turn: after it a finished row only holds padding (or, without stop ids
+            # honoured by generate, whatever the model babbles on)
+            end = next((j for j, t in enumerate(tokens) if t in stop_ids), len(tokens))
+            answers[i] = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    return answers
+
+
+def routing_specialisation(model, processor, samples: list[dict], data_dir: str | Path, *,
+                           batch_size: int = 64) -> dict:
+    """Teacher-forced forward over the full conversations; per token modality, the share of the routers' masked
+    softmax probability (real tokens only) in its intra pool, the inter pool, other pools and null experts.
+
+    Summing `MoeRouterOutput.prob_mass` over layers before normalising equals averaging the per-layer shares:
+    every layer sees the same tokens, each contributing probability 1."""
+    data_dir, config = Path(data_dir), model.config
+    mass, num_layers = None, 0
+    order = _length_order(processor, samples, data_dir, prompt_only=False)
+    with torch.no_grad():
+        for indices in _progress(list(_batches(order, batch_size)), "eval routing"):
+            inputs = _process(processor, [samples[i] for i in indices], data_dir, prompt_only=False).to(model.device)
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
+            if not out.router_outputs:
+                raise ValueError("routing report: the model returned no router outputs (no MoE layers?)")
+            num_layers = len(out.router_outputs)
+            batch_mass = torch.stack([r.prob_mass.double().cpu() for r in out.router_outputs]).sum(0)
+            mass = batch_mass if mass is None else mass + batch_mass
+    pools = config.expert_pools()
+    allowed = config.allowed_experts()
+    per_modality = {}
+    for m, name in enumerate(config.modalities):
+        total = float(mass[m].sum())
+        if total <= 0:
+            continue  # no token of this modality in the eval set
+        own, inter, null = (float(mass[m, list(pools[p])].sum()) for p in (name, "inter", "null"))
+        others = [c for other in config.modalities if other != name for c in pools[other]]
+        other = float(mass[m, others].sum()) if others else 0.0
+        share = {"intra": own / total, "inter": inter / total, "other_pools": other / total, "null": null / total}
+        per_modality[name] = {
+            "tokens": round(total / num_layers), **share, "intra_plus_inter": share["intra"] + share["inter"],
+            # what a router spreading its probability evenly over the allowed columns (null included) would give
+            "uniform_intra_share": len(pools[name]) / sum(allowed[m]),
+            "intra_pool_size": len(pools[name]), "allowed_columns": sum(allowed[m]),
+        }
+    return {"num_moe_layers": num_layers, "per_modality": per_modality}
+
+
+def evaluate(model, processor, samples: list[dict], data_dir: str | Path, *, batch_size: int = 64,
+             max_new_tokens: int = 16, routing: bool = False) -> EvalReport:
+    """Exact-match report of `model` on canonical `samples` (media relative to `data_dir`); `routing=True` adds the
+    routing-specialisation shares. The model is put in eval mode for the call and then restored.
+
+    `model` is a single-device model: one sharded by expert parallelism must be gathered first (its MoE layers
+    run collectively, and ranks generating different prompts would stop at different steps)."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    try:
+        answers = generate_answers(model, processor, samples, data_dir, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens)
+        routing_report = routing_specialisation(model, processor, samples, data_dir,
+                                                batch_size=batch_size) if routing else None
+    finally:
+        model.train(was_training)
+    predictions = [
+        Prediction(sample_id=s["id"], task=sample_task(s), modality=primary_modality(s),
+                   question=_last_user_text(s), answer=s["messages"][-1]["content"], prediction=a)
+        for s, a in zip(samples, answers)
+    ]
+    report = score_predictions(predictions)
+    report.routing = routing_report
+    return report
+
+
+def _last_user_text(sample: dict) -> str:
+    users = [m["content"] for m in sample["messages"][:-1] if m["role"] == "user"]
+    return users[-1].strip() if users else ""
+
+
+def _progress(items: list, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", disable=None, leave=False)  # disable=None: only on a terminal
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="exact-match accuracy per modality and task (table + JSON), routing shares",
+                       description=__doc__.split("\n\n")[0],
+                       epilog="Exact match compares answers after lower-casing, collapsing whitespace and dropping "
+                              "one trailing period.")
+    p.add_argument("checkpoint", help="exported model folder (config.json + *.safetensors + processor files)")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="canonical dataset folder holding <split>.jsonl (media paths relative to it)")
+    p.add_argument("--split", default="test", help="which DIR/<split>.jsonl to evaluate (val or test; default test)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N samples")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts generated together (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="also write the report as JSON to OUT (per modality/task, overall, examples, routing)")
+    p.add_argument("--routing", action="store_true",
+                   help="add a teacher-forced pass reporting each modality's routed probability mass per pool")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, rest=None) -> int:
+    from omni.loading import load_model_and_processor
+
+    try:
+        samples = load_split(args.data, args.split, args.limit)  # data errors first: no model load to wait for
+        model, processor = load_model_and_processor(args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"omni eval: error: {exc}", file=sys.stderr)
+        return 2
+    report = evaluate(model, processor, samples, args.data, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, routing=args.routing)
+    print(report.format_table())
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.to_dict(checkpoint=str(args.checkpoint), split=args.split), indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+__all__ = [
+    "EvalReport", "Prediction", "evaluate", "generate_answers", "load_media", "load_split", "routing_specialisation",
+    "sample_task", "score_predictions",
+]
