@@ -135,20 +135,39 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
         audio_features: torch.Tensor | None = None,
         audio_chunk_counts: torch.Tensor | None = None,
         audio_token_counts: torch.Tensor | None = None,
+        run_every_tower: bool = False,
     ) -> torch.Tensor:
-        """Token embeddings with every media placeholder replaced by its media embedding, in order."""
+        """Token embeddings with every media placeholder replaced by its media embedding, in order.
+
+        `run_every_tower`: a medium this batch lacks still goes through its tower, on one blank input whose
+        output is added times zero -- the result is unchanged, but every batch builds the same autograd graph.
+        Training sets it: distributed optimizers that reduce gradients as backward produces them (ZeRO-2
+        buckets, DDP) need every rank to produce them in the same order, whatever media its batch holds."""
         embeds = self.model.embed_tokens(input_ids)
         media: dict[str, torch.Tensor] = {}
+        blanks: list[torch.Tensor] = []
         if pixel_values is not None:
             media["image"] = self.media.embed_images(pixel_values.to(self.dtype)).flatten(0, 1)
+        elif run_every_tower and self.media.vision_encoder is not None:
+            size = self.config.vision_config.image_size
+            blanks.append(self.media.embed_images(embeds.new_zeros(1, 3, size, size)))
         if pixel_values_videos is not None:
             media["video"] = self.media.embed_videos(pixel_values_videos.to(self.dtype)).flatten(0, 1)
+        elif run_every_tower and self.media.vision_encoder is not None:
+            size, frames = self.config.vision_config.image_size, max(1, int(self.config.video_temporal_pooling))
+            blanks.append(self.media.embed_videos(embeds.new_zeros(1, frames, 3, size, size)))
         if audio_features is not None:
             if audio_chunk_counts is None or audio_token_counts is None:
                 raise ValueError("audio_features need audio_chunk_counts and audio_token_counts (from the processor)")
             media["audio"] = self.media.embed_audios(
                 audio_features.to(self.dtype), audio_chunk_counts, audio_token_counts
             )
+        elif run_every_tower and self.media.audio_encoder is not None:
+            audio = self.config.audio_config
+            blank = embeds.new_zeros(1, audio.num_mel_bins, 2 * audio.max_source_positions)
+            blanks.append(self.media.embed_audios(blank, [1], [1]))
+        for blank in blanks:
+            embeds = embeds + 0.0 * blank.sum()
         placeholder_ids = self._placeholder_ids()
         for name, rows in media.items():
             if name not in placeholder_ids:
@@ -195,6 +214,7 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        run_every_tower: bool = False,
         **kwargs: Any,
     ) -> OmniMoeCausalLMOutput:
         cache = cache if cache is not None else past_key_values
@@ -202,7 +222,8 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(
-                input_ids, pixel_values, pixel_values_videos, audio_features, audio_chunk_counts, audio_token_counts
+                input_ids, pixel_values, pixel_values_videos, audio_features, audio_chunk_counts, audio_token_counts,
+                run_every_tower=run_every_tower,
             )
         if modality_ids is None:
             if input_ids is None:

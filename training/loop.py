@@ -32,7 +32,8 @@ from .checkpoint import CheckpointManager, TrainingState
 from .checkpointing import latest_training_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .distributed import get_rank, get_world_size
 from .engine import (
-    EngineSetup, build_deepspeed_config, guarded_backward_step, initialize_engine, prepare_expert_parallel,
+    EngineSetup, build_deepspeed_config, expert_parameters, guarded_backward_step, initialize_engine,
+    prepare_expert_parallel,
 )
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
 from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups
@@ -94,7 +95,10 @@ def build_engine(model: torch.nn.Module, stage: StageSpec, run: RunSettings, mic
     prepare_expert_parallel(model, run.ep_size, timeout_s=run.timeout_s)
     model = prepare_model_for_stage(model, stage)
     plan = apply_stage(model, stage)
-    if not plan.trainable_experts and (run.zero_stage in (1, 2) or run.precision == "bf16"):
+    # LoRA adapters inside the experts are MoE parameters already: no frozen expert tensor needs to stay in the
+    # optimizer then (at real scale that state is several GiB per rank)
+    trains_inside_experts = any(p.requires_grad for p in expert_parameters(model))
+    if not trains_inside_experts and (run.zero_stage in (1, 2) or run.precision == "bf16"):
         _keep_frozen_experts_in_a_moe_group(model, plan)
     groups = trainable_param_groups(model, plan, opt.lr, opt.weight_decay)
     setup = initialize_engine(model, ds_config, run.ep_size, activation_checkpointing=run.activation_checkpointing,
@@ -158,6 +162,7 @@ def train_stage(
     bar = tqdm(total=stage.steps, initial=state.step, desc=stage.name, disable=rank != 0, dynamic_ncols=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     nonfinite_in_a_row = 0
+    alarmed: set[str] = set()  # pools already warned about this stage
     steps_this_call = 0
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
@@ -169,7 +174,9 @@ def train_stage(
         step_losses = []
         while len(step_losses) < run.gradient_accumulation_steps:
             batch = next(batches)  # an OmniBatch: model inputs + counts for logging
-            out = engine(**batch.inputs)
+            # run_every_tower: the same autograd graph on every rank whatever media its batch holds, so ZeRO-2
+            # reduces gradient buckets in the same order everywhere
+            out = engine(**batch.inputs, run_every_tower=True)
             if not guarded_backward_step(engine, out.loss + _touch(trainable)):
                 # every rank dropped this micro-batch (no backward, no step): parameters are unchanged
                 state.nonfinite_skips += 1
@@ -203,14 +210,20 @@ def train_stage(
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             tokens_per_s = window_tokens * world / elapsed
             report = health.report()
-            for alarm in report.alarms(run.router_alarm_max_over_mean) if rank == 0 else ():
-                log.warning("stage %s step %d: router health (rank 0's tokens): %s", stage.name, state.step, alarm)
+            alarms = report.alarms(run.router_alarm_max_over_mean) if rank == 0 else []
+            for alarm in alarms:
+                where = alarm.split(":")[0]  # "layer L POOL pool": warn once per pool and stage, count every time
+                if where not in alarmed:
+                    alarmed.add(where)
+                    log.warning("stage %s step %d: router health (rank 0's tokens): %s (further alarms for this "
+                                "pool: TensorBoard router/alarms)", stage.name, state.step, alarm)
             scalars = {
                 "train/loss": loss, "train/ce_loss": _item(out.ce_loss), "train/aux_loss": _item(out.aux_loss),
                 "train/z_loss": _item(out.z_loss), "train/lr": engine.get_lr()[0],
                 "train/grad_norm": _item(engine.get_global_grad_norm()), "train/tokens_per_s": tokens_per_s,
                 "router/dead_experts": report.dead_experts, "router/max_over_mean": report.worst_max_over_mean,
-                "router/null_fraction": report.null_fraction, "train/nonfinite_skips": state.nonfinite_skips,
+                "router/null_fraction": report.null_fraction, "router/alarms": len(alarms),
+                "train/nonfinite_skips": state.nonfinite_skips,
                 **router_scalars(out.router_outputs or [], list(config.modalities)),
                 **loader.counters.as_metrics(),
             }
