@@ -29,7 +29,7 @@ from modeling.media import audio_token_count, image_token_count, video_token_cou
 from modeling.processing_omni import IGNORE_INDEX
 
 from .quality import TOO_LONG, SampleRejected
-from .schema import MEDIA_KINDS, to_processor_messages
+from .schema import MEDIA_KINDS, strip_media, to_processor_messages
 
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "audio_features", "audio_chunk_counts", "audio_token_counts")
 
@@ -98,10 +98,12 @@ class OmniCollator:
     """Decoded samples (dicts from `ShardDataset`) -> `OmniBatch`. Picklable: runs in DataLoader workers.
 
     `max_length`: the longest sample (padded) or packed row allowed; `pad_to_multiple_of`: round the
-    sequence dimension up (fewer distinct shapes for kernels and compilers).
+    sequence dimension up (fewer distinct shapes for kernels and compilers); `strip_media`: learn from the text
+    alone (media markers and media dropped: `data.schema.strip_media`), e.g. for a text-only LLM.
     """
 
-    def __init__(self, processor, max_length: int | None = None, pad_to_multiple_of: int | None = None):
+    def __init__(self, processor, max_length: int | None = None, pad_to_multiple_of: int | None = None,
+                 strip_media: bool = False):
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
@@ -109,6 +111,7 @@ class OmniCollator:
         self.processor = processor
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.strip_media = strip_media
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.modalities = list(processor.modalities)
@@ -157,6 +160,8 @@ class OmniCollator:
         `ShardDataset(..., transform=collator.measure)`: the rejection is counted by the reader's drop
         policy like any bad sample, and the length is what length-aware batching strategies read.
         """
+        if self.strip_media:
+            sample = strip_media(sample)
         length = self.sequence_length(sample)
         if self.max_length is not None and length > self.max_length:
             raise SampleRejected(TOO_LONG, f"{length} tokens after processing > max_length {self.max_length}")
@@ -171,6 +176,8 @@ class OmniCollator:
         return self.collate(batch)
 
     def _process(self, samples: list[dict]):
+        if self.strip_media:
+            samples = [strip_media(s) for s in samples]
         conversations = [to_processor_messages(s["messages"]) for s in samples]
         images = [image for s in samples for image in s.get("images", [])]
         videos = [video for s in samples for video in s.get("videos", [])]

@@ -62,13 +62,13 @@ def derive_seed(*parts: int) -> int:
 
 
 def resolve_shards(source: str | Path | Sequence[str | Path]) -> list[str]:
-    """A shard directory (with `index.json`), one tar path, or a list of tar paths -> tar paths."""
+    """A shard directory (with `index.json`), one tar path, or a list of them -> tar paths."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():
-            return [str(path / shard["name"]) for shard in load_index(path)["shards"]]
-        source = [path]
-    shards = [str(p) for p in source]
+        source = [source]
+    shards = []
+    for item in source:
+        path = Path(item)
+        shards += [str(path / s["name"]) for s in load_index(path)["shards"]] if path.is_dir() else [str(path)]
     missing = [p for p in shards if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"shard file(s) not found: {missing[:5]}")

@@ -86,6 +86,14 @@ def make_token_length_fn(tokenizer: Any) -> LengthFn:
     return token_length
 
 
+def strip_media(sample: dict) -> dict:
+    """The sample as text alone: media markers removed from every message (surrounding whitespace tidied), media
+    fields dropped. What a text-only model (stage 0's dense LLM) learns from a multimodal dataset."""
+    messages = [{**msg, "content": " ".join(_MARKER_RE.sub(" ", msg["content"]).split())} for msg in sample["messages"]]
+    return {k: v for k, v in sample.items() if k not in MEDIA_FIELDS.values() and k != "video_fps"} | \
+        {"messages": messages}
+
+
 def to_processor_messages(messages: list[dict]) -> list[dict]:
     """Canonical string contents -> processor parts, split on the three markers.
 

@@ -53,10 +53,10 @@ class OmniMoePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if getattr(module, "_omni_torch_default_init", False):
-            # Projectors and connectors keep PyTorch's default init (measured: N(0, 0.02) there hurt learning).
-            for child in module.modules():
-                if hasattr(child, "reset_parameters") and not isinstance(child, PreTrainedModel):
-                    child.reset_parameters()
+            # Projectors and connectors keep PyTorch's default init (GUIDE §6: N(0, 0.02) there hurt learning).
+            # Every module inside them carries the flag: transformers initialises children before their parent.
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
             return
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -91,8 +91,17 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         for name, child in self.media.named_children():
             if not isinstance(child, PreTrainedModel) and "encoder" not in name:
-                child._omni_torch_default_init = True
+                for module in child.modules():
+                    module._omni_torch_default_init = True
         self.post_init()
+        # Encoders built from a config (not loaded) start their linear and conv layers from PyTorch's default init
+        # too, not their library's N(0, 0.02) (Whisper's): measured on the synthetic tasks, GUIDE §6. Position
+        # embeddings keep theirs (Whisper's are fixed sinusoids). Under from_pretrained / meta-device construction
+        # transformers turns these init calls into no-ops, and the loaded weights replace them anyway.
+        for encoder in (self.media.vision_encoder, self.media.audio_encoder):
+            for module in encoder.modules() if encoder is not None else ():
+                if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                    module.reset_parameters()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     synth.add_argument("--max-samples-per-shard", type=int, default=100,
                        help="samples per tar shard (small: every rank x dataloader worker needs shards of its own)")
     synth.add_argument("--no-shards", action="store_true", help="write media and manifests only")
+    synth.add_argument("--shards-by-task", action="store_true",
+                       help="one shard set per task, OUT/shards/<split>/<task>/, so a recipe can mix tasks by weight")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT")
     synth.set_defaults(handler=run_synth)
 
@@ -61,13 +63,36 @@ def run_synth(args: argparse.Namespace, rest=None) -> int:
     for split, manifest in manifests.items():
         line = f"{split}: {manifest}"
         if not args.no_shards:
-            index = build_shards(
-                manifest, args.out, Path(args.out) / "shards" / split,
-                max_samples_per_shard=args.max_samples_per_shard, policy=DropPolicy(strict=True),
-            )
-            line += f" -> {len(index['shards'])} shard(s), {index['num_samples']} samples"
+            out = Path(args.out) / "shards" / split
+            parts = split_manifest_by_task(manifest, out) if args.shards_by_task else {"": Path(manifest)}
+            built = []
+            for task, part in parts.items():
+                index = build_shards(part, args.out, out / task, max_samples_per_shard=args.max_samples_per_shard,
+                                     policy=DropPolicy(strict=True), progress=False)
+                built.append(index)
+            line += (f" -> {sum(len(i['shards']) for i in built)} shard(s), {sum(i['num_samples'] for i in built)} "
+                     f"samples" + (f" in {len(built)} task folders" if args.shards_by_task else ""))
         print(line)
     return 0
+
+
+def split_manifest_by_task(manifest: str | Path, out_dir: Path) -> dict[str, Path]:
+    """`meta.task` -> a manifest of that task's lines (written under `out_dir`/manifests/, in manifest order)."""
+    lines: dict[str, list[str]] = {}
+    with open(manifest, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                task = (json.loads(line).get("meta") or {}).get("task")
+                if not task:
+                    raise ValueError(f"{manifest}:{number}: no meta.task to group shards by")
+                lines.setdefault(task, []).append(line if line.endswith("\n") else line + "\n")
+    folder = out_dir / "manifests"
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for task, task_lines in sorted(lines.items()):
+        parts[task] = folder / f"{task}.jsonl"
+        parts[task].write_text("".join(task_lines), encoding="utf-8")
+    return parts
 
 
 def run_build(args: argparse.Namespace, rest=None) -> int:

@@ -7,11 +7,13 @@
                                from (a previous stage's output / an exported HF folder with tokenizer + processor)
                tokenizer: a tokenizer folder, or {bpe_from: MANIFEST.jsonl, vocab_size: N} (a byte-level BPE trained
                on the manifest's conversation texts; deterministic, so every rank builds the same one)
-    data:      sources {name: shard dir}, batching {strategy, batch_size, max_tokens, lookahead, packing,
+    data:      sources {name: shard dir or list of them; relative to `root` when given}, synth {out, num, seed}
+               (the synthetic dataset, made by `omni train` when missing), batching {strategy, batch_size, max_tokens, lookahead, packing,
                max_length}, samples_per_epoch (per rank), max_length, num_workers, seed
     parallel:  ep_size, zero_stage, precision
     train:     gradient_accumulation_steps, gradient_clipping, save_every, keep_last, log_every,
                activation_checkpointing, stop_after_steps, ... (see `TrainSection`)
+    eval:      held-out evaluation after every stage (`EvalSection`)
     stages:    a list parsed by `training.stages.parse_stages` (each stage's `data:` weights name `data.sources`)
 
 Overrides (`omni train RECIPE train.save_every=2 stages.0.steps=10`) are applied to the raw YAML before validation;
@@ -33,7 +35,7 @@ import yaml
 from training.stages import StageConfigError, StageSpec, parse_stages
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-SECTIONS = ("run", "model", "data", "parallel", "train", "stages")
+SECTIONS = ("run", "model", "data", "parallel", "train", "eval", "stages")
 
 
 class RecipeError(ValueError):
@@ -53,6 +55,8 @@ class ModelSection:
     tokenizer: str | dict | None = None
     upcycle: dict | None = None
     from_: str | None = None  # YAML key `from`
+    # Qwen2 fields of the dense LLM a `dense_pretrain` stage trains from scratch (only where no pretrained LLM exists)
+    dense: dict | None = None
 
 
 @dataclass
@@ -64,6 +68,23 @@ class DataSection:
     num_workers: int = 0
     seed: int = 0
     shuffle_buffer: int = 256
+    # {out, num, seed, eval_num}: `omni train` makes the synthetic dataset (shards by task) there if it is missing
+    synth: dict | None = None
+    # the folder relative `sources` paths are read from (one override moves a whole dataset)
+    root: str | None = None
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation after every stage (`omni eval`'s code) and chat examples from the final export."""
+
+    data: str | None = None          # a dataset folder with <split>.jsonl (e.g. the synth `out`)
+    split: str = "val"
+    limit: int | None = None         # samples evaluated after each stage (None: the whole split)
+    final_limit: int | None = None   # samples evaluated after the last stage (None: the whole split)
+    batch_size: int = 64
+    max_new_tokens: int = 16
+    examples: int = 4                # chat answers printed from the exported model
 
 
 @dataclass
@@ -97,6 +118,7 @@ class Recipe:
     data: DataSection
     parallel: ParallelSection
     train: TrainSection
+    eval: EvalSection
     stages: list[StageSpec]
     raw: dict  # the validated YAML (after overrides), for printing and for saving next to the run
     path: str = ""
@@ -162,8 +184,8 @@ def _check_values(recipe: Recipe, fail) -> None:
     if recipe.parallel.zero_stage not in (0, 1, 2):
         fail(f"parallel.zero_stage must be 0, 1 or 2 (ZeRO-3 cannot partition expert-parallel MoE), "
              f"got {recipe.parallel.zero_stage}")
-    if recipe.run.nproc_per_node % recipe.parallel.ep_size:
-        fail(f"parallel.ep_size={recipe.parallel.ep_size} must divide run.nproc_per_node={recipe.run.nproc_per_node}")
+    # ep_size must divide the WORLD size (nodes x processes per node), known only at launch: expert parallelism may
+    # span nodes. prepare_expert_parallel checks it on every rank.
     if recipe.train.stop_after_steps is not None and recipe.train.stop_after_steps < 1:
         fail(f"train.stop_after_steps must be >= 1 or null, got {recipe.train.stop_after_steps}")
     model = recipe.model
@@ -176,13 +198,24 @@ def _check_values(recipe: Recipe, fail) -> None:
         unknown = sorted(set(model.tokenizer) - {"bpe_from", "vocab_size"})
         if unknown or "bpe_from" not in model.tokenizer:
             fail(f"model.tokenizer: expected a folder or {{bpe_from: MANIFEST, vocab_size: N}}, got {model.tokenizer}")
-    if model.upcycle is not None and "dense_path" not in model.upcycle:
+    dense_stages = [i for i, st in enumerate(recipe.stages) if st.preset == "dense_pretrain"]
+    if dense_stages and (dense_stages != [0] or model.dense is None or model.upcycle is None):
+        fail("a dense_pretrain stage must be stages.0, with model.dense (its Qwen2 fields) and model.upcycle "
+             "(how the next stage builds the MoE model from it)")
+    if model.dense is not None and not dense_stages:
+        fail("model.dense is only used by a dense_pretrain stage (stages.0.preset: dense_pretrain)")
+    if model.upcycle is not None and "dense_path" not in model.upcycle and not dense_stages:
         fail("missing key model.upcycle.dense_path")
     if not recipe.data.sources:
         fail("data.sources: at least one named shard folder is required")
     for name, path in recipe.data.sources.items():
-        if not isinstance(path, str):
-            fail(f"data.sources.{name} must be a shard folder path (a string), got {path!r}")
+        if not (isinstance(path, str) or (isinstance(path, list) and path and all(isinstance(p, str) for p in path))):
+            fail(f"data.sources.{name} must be a shard folder path or a list of them, got {path!r}")
+    synth = recipe.data.synth
+    if synth is not None:
+        unknown = sorted(set(synth) - {"out", "num", "seed", "eval_num"})
+        if unknown or "out" not in synth:
+            fail(f"data.synth: expected {{out, num, seed, eval_num}} with out required, got {synth}")
     batching_keys = {"strategy", "batch_size", "max_tokens", "lookahead", "packing", "max_length", "max_batch_size"}
     unknown = sorted(set(recipe.data.batching) - batching_keys)
     if unknown:
@@ -217,9 +250,16 @@ def build_recipe(raw: Any, path: str = "<recipe>") -> Recipe:
         run=_section(RunSection, raw["run"], "run", fail), model=_section(ModelSection, raw["model"], "model", fail),
         data=_section(DataSection, raw["data"], "data", fail),
         parallel=_section(ParallelSection, raw.get("parallel"), "parallel", fail),
-        train=_section(TrainSection, raw.get("train"), "train", fail), stages=stages, raw=raw, path=path,
+        train=_section(TrainSection, raw.get("train"), "train", fail),
+        eval=_section(EvalSection, raw.get("eval"), "eval", fail), stages=stages, raw=raw, path=path,
     )
     _check_values(recipe, fail)
+    if recipe.data.root is not None:
+        def under_root(path: str) -> str:
+            return path if Path(path).is_absolute() else str(Path(recipe.data.root) / path)
+
+        recipe.data.sources = {name: [under_root(p) for p in paths] if isinstance(paths, list) else under_root(paths)
+                               for name, paths in recipe.data.sources.items()}
     return recipe
 
 
@@ -277,5 +317,5 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return build_recipe(apply_overrides(raw or {}, list(overrides or [])), str(path))
 
 
-__all__ = ["DataSection", "ModelSection", "ParallelSection", "Recipe", "RecipeError", "RunSection", "TrainSection",
+__all__ = ["DataSection", "EvalSection", "ModelSection", "ParallelSection", "Recipe", "RecipeError", "RunSection", "TrainSection",
            "apply_overrides", "build_recipe", "load_recipe"]

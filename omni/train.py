@@ -22,6 +22,7 @@ stage: checkpoints/, tensorboard/, losses.jsonl (rank 0: step and loss of every 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -31,9 +32,11 @@ from pathlib import Path
 
 import yaml
 
+from omni.dry_run import dry_run_report
 from omni.recipe import Recipe, RecipeError, load_recipe
 
 DONE_FILE = "DONE.json"
+READY_FILE = "READY.json"  # a finished synthetic dataset
 MODEL_DIR = "model"
 
 
@@ -59,12 +62,24 @@ def run(args: argparse.Namespace, rest=None) -> int:
         print(f"omni train: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(dry_run_report(recipe))
+        try:
+            print(dry_run_report(recipe))
+        except (RecipeError, ValueError, FileNotFoundError) as exc:  # e.g. an EP size the world cannot hold
+            print(f"omni train --dry-run: {exc}", file=sys.stderr)
+            return 2
         return 0
     launched = "RANK" in os.environ or "WORLD_SIZE" in os.environ
+    if not launched:
+        prepare_synth_data(recipe)
     if not launched and recipe.run.nproc_per_node > 1:
-        return relaunch_with_torchrun(args.recipe, args.overrides, recipe.run.nproc_per_node)
-    return train(recipe)
+        code = relaunch_with_torchrun(args.recipe, args.overrides, recipe.run.nproc_per_node)
+    else:
+        code = train(recipe)
+    if code == 0 and not launched:
+        from omni.run_summary import finish_run
+
+        finish_run(recipe)  # eval table, OUTPUT/export, chat answers (once the last stage is done)
+    return code
 
 
 def relaunch_with_torchrun(recipe_path: str, overrides: list[str], nproc: int) -> int:
@@ -81,6 +96,26 @@ def relaunch_with_torchrun(recipe_path: str, overrides: list[str], nproc: int) -
 
 
 # ----------------------------------------------------------------------------- building blocks
+def prepare_synth_data(recipe: Recipe) -> None:
+    """`data.synth: {out, num, seed, eval_num}`: make the synthetic dataset there (one shard set per task) unless a
+    previous run finished it (its READY.json). Runs once, before the ranks start."""
+    spec = recipe.data.synth
+    if spec is None or (Path(spec["out"]) / READY_FILE).is_file():
+        return
+    from omni.cli import build_parser
+
+    argv = ["data", "synth", str(spec["out"]), "--num", str(spec.get("num", 4400)), "--seed",
+            str(spec.get("seed", 0)), "--shards-by-task", "--overwrite"]
+    if spec.get("eval_num") is not None:
+        argv += ["--eval-num", str(spec["eval_num"])]
+    print(f"omni train: making the synthetic dataset: omni {' '.join(argv)}", flush=True)
+    args = build_parser().parse_args(argv)
+    if args.handler(args) != 0:
+        raise RuntimeError(f"omni {' '.join(argv)} failed")
+    (Path(spec["out"]) / READY_FILE).write_text(json.dumps({"command": "omni " + " ".join(argv)}) + "\n")
+
+
+
 def manifest_texts(manifest: str | Path) -> list[str]:
     """Every message text of a canonical JSONL manifest (what a BPE tokenizer for the dataset is trained on)."""
     texts = []
@@ -120,17 +155,23 @@ def load_tokenizer(recipe: Recipe, source: str | Path | None):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def placeholder_ids(tokenizer) -> dict[str, int]:
+    """The media placeholder token ids of our tokenizers, as OmniMoeConfig fields."""
+    from modeling.tokenizer_utils import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+
+    return {key: tokenizer.convert_tokens_to_ids(token) for key, token in
+            (("image_token_id", IMAGE_TOKEN), ("video_token_id", VIDEO_TOKEN), ("audio_token_id", AUDIO_TOKEN))}
+
+
 def model_config(recipe: Recipe, tokenizer=None):
     """OmniMoeConfig of a `model.config` recipe; vocab size and special ids from the tokenizer unless given."""
     from modeling.configuration_omni import OmniMoeConfig
-    from modeling.tokenizer_utils import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 
     fields = dict(recipe.model.config)
     if tokenizer is not None:
         fields.setdefault("vocab_size", len(tokenizer))
-        for key, token in (("image_token_id", IMAGE_TOKEN), ("video_token_id", VIDEO_TOKEN),
-                           ("audio_token_id", AUDIO_TOKEN)):
-            fields.setdefault(key, tokenizer.convert_tokens_to_ids(token))
+        for key, value in placeholder_ids(tokenizer).items():
+            fields.setdefault(key, value)
         fields.setdefault("pad_token_id", tokenizer.pad_token_id)
         fields.setdefault("eos_token_id", tokenizer.eos_token_id)
     else:  # dry run without a tokenizer: only the sizes matter for counting parameters
@@ -141,9 +182,10 @@ def model_config(recipe: Recipe, tokenizer=None):
     return OmniMoeConfig(**fields)
 
 
-def build_model(recipe: Recipe, tokenizer, source: str | Path | None):
-    """Stage 1's model (config / upcycle / from), or the previous stage's exported model when `source` is given.
-    Every rank builds the same weights (the caller seeds every rank alike)."""
+def build_model(recipe: Recipe, tokenizer, source: str | Path | None, dense_source: str | Path | None = None):
+    """Stage 1's model (config / upcycle / from), the previous stage's exported model when `source` is given, or
+    the MoE model upcycled from a dense_pretrain stage's export `dense_source`. Every rank builds the same weights
+    (the caller seeds every rank alike)."""
     from modeling.modeling_omni import OmniMoeForCausalLM
 
     folder = source if source is not None else recipe.model.from_
@@ -154,12 +196,59 @@ def build_model(recipe: Recipe, tokenizer, source: str | Path | None):
 
         options = dict(recipe.model.upcycle)
         options.setdefault("seed", recipe.run.seed)
+        if dense_source is not None:
+            options["dense_path"] = str(dense_source)
+        for key, value in placeholder_ids(tokenizer).items():
+            options.setdefault(key, value)
         return upcycle(**options)
     return OmniMoeForCausalLM(model_config(recipe, tokenizer))
 
 
-def build_loader(recipe: Recipe, stage, processor, stage_index: int):
-    """This rank's resumable loader over the stage's weighted mix (a fixed-length epoch per rank)."""
+def dense_llm_config(recipe: Recipe, tokenizer):
+    """The OmniMoeConfig of stage 0's dense LLM: `model.dense` (Qwen2 fields), no MoE layer, no media tower, q/k/v
+    biases as in Qwen2 -- the same decoder our parity tests hold equal to transformers' Qwen2ForCausalLM."""
+    from modeling.configuration_omni import OmniMoeConfig
+
+    fields = {"attention_bias": True, **recipe.model.dense, "moe_layers": "none", "modalities": ["text"],
+              "num_intra_experts": 0, "num_inter_experts": 0, "num_shared_experts": 0, "num_null_experts": 0,
+              "vision_config": None, "audio_config": None, "vocab_size": len(tokenizer),
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return OmniMoeConfig(**fields)
+
+
+def export_dense_llm(result, out_dir: Path, tokenizer) -> None:
+    """Collective: stage 0's dense LLM as a plain transformers Qwen2ForCausalLM checkpoint (rank 0 writes), the
+    input of upcycling -- exactly what a user's pretrained LLM folder would be."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from training.distributed import get_rank
+
+    model = result.model
+    config = model.config
+    if get_rank() == 0:
+        qwen2 = Qwen2Config(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            tie_word_embeddings=config.tie_word_embeddings, pad_token_id=config.pad_token_id,
+            eos_token_id=config.eos_token_id,
+        )
+        dense = Qwen2ForCausalLM(qwen2)
+        dense.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, strict=True)
+        staging = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        dense.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(staging, out_dir)
+    _barrier()
+
+
+def build_loader(recipe: Recipe, stage, processor, stage_index: int, strip_media: bool = False):
+    """This rank's resumable loader over the stage's weighted mix (a fixed-length epoch per rank); `strip_media`:
+    the samples' text alone (stage 0's dense LLM)."""
     from data.batching import make_batching
     from data.collate import OmniCollator
     from data.loader import ResumableLoader
@@ -169,7 +258,7 @@ def build_loader(recipe: Recipe, stage, processor, stage_index: int):
     entries = stage.data or tuple({"source": name, "weight": 1.0} for name in recipe.data.sources)
     sources = {e["source"]: recipe.data.sources[e["source"]] for e in entries}
     weights = {e["source"]: float(e.get("weight", 1.0)) for e in entries}
-    collator = OmniCollator(processor, max_length=recipe.data.max_length)
+    collator = OmniCollator(processor, max_length=recipe.data.max_length, strip_media=strip_media)
     dataset = MixedShardDataset(
         sources, weights, samples_per_epoch=recipe.data.samples_per_epoch, rank=get_rank(),
         world_size=get_world_size(), seed=recipe.data.seed + stage_index, shuffle_buffer=recipe.data.shuffle_buffer,
@@ -229,9 +318,12 @@ def _barrier() -> None:
 # ----------------------------------------------------------------------------- the run
 def train(recipe: Recipe) -> int:
     """Every stage in order, in this process (one rank of the job)."""
+    from modeling.modeling_omni import OmniMoeForCausalLM
     from modeling.processing_omni import OmniMoeProcessor
+    from omni.stage_eval import evaluate_stage
     from training.distributed import get_rank, init_distributed, seed_everything, set_cpu_threads_per_rank, teardown
     from training.loop import train_stage
+    from training.stages import unwrap_model
 
     set_cpu_threads_per_rank()
     init_distributed(timeout_s=recipe.train.timeout_s)
@@ -241,27 +333,39 @@ def train(recipe: Recipe) -> int:
         (output / "recipe.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False), encoding="utf-8")
     settings = run_settings(recipe)
     micro_batch_size = int(recipe.data.batching.get("batch_size") or 1)
-    source: Path | None = None
+    source: Path | None = None  # the previous stage's exported MoE model
+    dense_source: Path | None = None  # a dense_pretrain stage's exported Qwen2 LLM (the next stage upcycles it)
     for index, stage in enumerate(recipe.stages):
         stage_dir = output / stage.name
+        dense = stage.preset == "dense_pretrain"
         if (stage_dir / DONE_FILE).is_file():
-            source = stage_dir / MODEL_DIR
+            source, dense_source = (None, stage_dir / MODEL_DIR) if dense else (stage_dir / MODEL_DIR, None)
             if get_rank() == 0:
                 print(f"omni train: stage {stage.name} already done ({stage_dir / DONE_FILE}); skipping", flush=True)
             continue
         seed_everything(recipe.run.seed, rank_offset=False)  # identical initial weights on every rank
-        tokenizer = load_tokenizer(recipe, source if source is not None else recipe.model.from_)
-        model = build_model(recipe, tokenizer, source)
+        tokenizer = load_tokenizer(recipe, source or dense_source or recipe.model.from_)
+        if dense:
+            model = OmniMoeForCausalLM(dense_llm_config(recipe, tokenizer))
+        else:
+            model = build_model(recipe, tokenizer, source, dense_source)
         processor = OmniMoeProcessor.from_config(model.config, tokenizer)
-        loader = build_loader(recipe, stage, processor, index)
+        loader = build_loader(recipe, stage, processor, index, strip_media=dense)
         seed_everything(recipe.run.seed + index)  # per-rank streams (dropout); a resume restores them instead
-        result = train_stage(model, stage, settings, loader, micro_batch_size)
+        # a dense LLM has no experts to spread: pure data parallelism over every rank
+        stage_settings = dataclasses.replace(settings, ep_size=1) if dense else settings
+        result = train_stage(model, stage, stage_settings, loader, micro_batch_size)
         if not result.finished:
             if get_rank() == 0:
                 print(f"omni train: stopped at step {result.state.step} of stage {stage.name} "
                       f"(train.stop_after_steps); re-run the same command to continue", flush=True)
             break
-        export_stage_model(result, stage_dir / MODEL_DIR, tokenizer, processor)
+        if dense:
+            export_dense_llm(result, stage_dir / MODEL_DIR, tokenizer)
+            eval_model = unwrap_model(result.model)  # the dense model is whole on every rank
+        else:
+            export_stage_model(result, stage_dir / MODEL_DIR, tokenizer, processor)
+            eval_model = OmniMoeForCausalLM.from_pretrained(str(stage_dir / MODEL_DIR))  # what a user gets
         if get_rank() == 0:
             (stage_dir / DONE_FILE).write_text(json.dumps({
                 "stage": stage.name, "steps": result.state.step, "model": str(stage_dir / MODEL_DIR),
@@ -269,64 +373,14 @@ def train(recipe: Recipe) -> int:
             }, indent=2) + "\n")
             print(f"omni train: stage {stage.name} done -> {stage_dir / MODEL_DIR}", flush=True)
         _barrier()
-        source = stage_dir / MODEL_DIR
+        # after DONE.json: a failing eval never costs the stage's training
+        evaluate_stage(recipe, stage.name, eval_model, processor, stage_dir, text_only=dense,
+                       final=index == len(recipe.stages) - 1)
+        del eval_model
+        source, dense_source = (None, stage_dir / MODEL_DIR) if dense else (stage_dir / MODEL_DIR, None)
         del result, model, loader
     teardown()
     return 0  # stopped early on purpose (stop_after_steps) is a success too
-
-
-# ----------------------------------------------------------------------------- dry run
-def dry_run_report(recipe: Recipe) -> str:
-    """Resolved config, data plan, parameter/expert layout; the model is built on the meta device (no weights)."""
-    import torch
-
-    from modeling.configuration_omni import OmniMoeConfig
-    from modeling.modeling_omni import OmniMoeForCausalLM
-    from omni.demo import parameter_layout
-
-    lines = [f"# recipe {recipe.path} (overrides applied)", yaml.safe_dump(recipe.raw, sort_keys=False).rstrip(), ""]
-    world, batch = recipe.run.nproc_per_node, recipe.data.batching
-    lines.append("data plan:")
-    for stage in recipe.stages:
-        entries = stage.data or tuple({"source": n, "weight": 1.0} for n in recipe.data.sources)
-        total = sum(float(e.get("weight", 1.0)) for e in entries)
-        per_step = f"{batch.get('batch_size', '?')} x {recipe.train.gradient_accumulation_steps} x {world} ranks"
-        lines.append(f"  stage {stage.name}: {stage.steps} steps, {per_step} samples per step ({batch.get('strategy', 'mixed')}"
-                     f" batching), trains {list(stage.train)}")
-        for e in entries:
-            path = Path(recipe.data.sources[e["source"]])
-            index = path / "index.json"
-            found = (f"{len(json.loads(index.read_text())['shards'])} shards, "
-                     f"{json.loads(index.read_text())['num_samples']} samples") if index.is_file() else "NOT BUILT YET"
-            lines.append(f"    {e['source']:<12} weight {float(e.get('weight', 1.0)) / total:6.1%}  {path} ({found})")
-    model = recipe.model
-    if model.from_ is not None:
-        config, origin = OmniMoeConfig.from_pretrained(model.from_), f"loaded from {model.from_}"
-    elif model.upcycle is not None:
-        from modeling.upcycle import dense_llm_fields, encoder_config
-        from transformers import AutoConfig
-
-        up = {k: v for k, v in model.upcycle.items()
-              if k not in ("dense_path", "vision_path", "audio_path", "expert_init", "noise_std", "seed", "dtype")}
-        up.update(dense_llm_fields(AutoConfig.from_pretrained(model.upcycle["dense_path"])))
-        for key, kind in (("vision_path", "vision"), ("audio_path", "audio")):
-            if model.upcycle.get(key):
-                up[f"{kind}_config"] = encoder_config(model.upcycle[key], kind)
-        config, origin = OmniMoeConfig(**up), f"upcycled from {model.upcycle['dense_path']}"
-    else:
-        config, origin = model_config(recipe), "built from model.config (vocab size from the tokenizer spec)"
-    with torch.device("meta"):
-        meta_model = OmniMoeForCausalLM(config)
-    total, active = parameter_layout(meta_model)
-    pools = {name: f"{r.start}-{r.stop - 1}" for name, r in config.expert_pools().items() if len(r)}
-    ep = recipe.parallel.ep_size
-    lines += ["", f"model: {origin}",
-              f"parameters: total {total:,}, active per token {active:,}",
-              f"experts per MoE layer: {config.num_routed_experts} routed, pools {pools}; "
-              f"EP={ep}: {config.num_routed_experts // ep} experts per rank (global ids rank::{ep})",
-              f"parallel: {world} processes, EP={ep}, ZeRO-{recipe.parallel.zero_stage}, {recipe.parallel.precision}",
-              f"output: {recipe.run.output_dir}"]
-    return "\n".join(lines)
 
 
 __all__ = ["add_parser", "build_loader", "build_model", "dry_run_report", "export_stage_model", "load_tokenizer",

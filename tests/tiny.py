@@ -69,3 +69,31 @@ def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+TINY_TEXTS = [
+    "Describe the image.", "a red circle at the top left", "Transcribe the digits.", "1 2 3", "What is 2 plus 3?",
+    "Which way does the square move?", "left right up down", "Repeat: a b c", "How many beeps?", "blue green cyan",
+]
+
+
+def save_tiny_omni_folder(path, seed: int = 0, **config_overrides):
+    """A tiny random OmniMoeForCausalLM saved as an exported HF folder (weights, tokenizer with the chat template,
+    processor) at `path`; returns `path`. The model's vocabulary is the BPE tokenizer's."""
+    from data.tokenizer import build_bpe_tokenizer
+    from modeling.modeling_omni import OmniMoeForCausalLM
+    from modeling.processing_omni import OmniMoeProcessor
+    from modeling.tokenizer_utils import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+
+    tokenizer = build_bpe_tokenizer(TINY_TEXTS, vocab_size=300)
+    ids = {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in
+           (("image_token_id", IMAGE_TOKEN), ("video_token_id", VIDEO_TOKEN), ("audio_token_id", AUDIO_TOKEN))}
+    config = tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **ids, **config_overrides)
+    torch.manual_seed(seed)
+    model = OmniMoeForCausalLM(config).eval()
+    processor = OmniMoeProcessor.from_config(config, tokenizer)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path

@@ -38,7 +38,7 @@ BASE_COMPONENTS = (
 )
 EXPERT_COMPONENTS = ("inter_experts", "intra_experts")  # plus "intra_experts:<modality>"
 COMPONENTS = BASE_COMPONENTS + EXPERT_COMPONENTS + ("lora", "all")
-PRESETS = ("alignment", "modality_experts", "mixed_lora")
+PRESETS = ("dense_pretrain", "alignment", "modality_experts", "mixed_lora")
 _PREFIXES = {  # canonical parameter-name prefix -> component
     "media.vision_encoder.": "vision_encoder", "media.audio_encoder.": "audio_encoder",
     "media.image_projector.": "image_projector", "media.audio_projector.": "audio_projector",
@@ -147,30 +147,37 @@ class LoraSpec:
 def preset_fields(name: str, **options: Any) -> dict[str, Any]:
     """`train` (and `lora`) of a standard stage.
 
+    dense_pretrain: every weight of a dense LLM trained from scratch (stage 0, only where no pretrained LLM exists;
+        `omni train` builds the dense model and exports it as a Qwen2 checkpoint for the next stage to upcycle).
     alignment: projectors only; `encoders_pretrained=False` adds the encoders (they start random).
-    modality_experts: intra-modality experts + routers; `modalities` picks the pools (default: every modality's).
-    mixed_lora: LoRA on attention, routed and shared experts, + routers + projectors; `r`, `alpha` set the adapter.
+    modality_experts: intra-modality experts + routers; `modalities` picks the pools (default: every modality's);
+        `encoders_pretrained=False` adds the encoders and projectors.
+    mixed_lora: LoRA on attention, routed and shared experts, + routers + projectors; `r`, `alpha` set the adapter;
+        `encoders_pretrained=False` adds the encoders.
     """
-    allowed = {"alignment": {"encoders_pretrained"}, "modality_experts": {"modalities"}, "mixed_lora": {"r", "alpha"}}
+    allowed = {"dense_pretrain": set(), "alignment": {"encoders_pretrained"},
+               "modality_experts": {"modalities", "encoders_pretrained"},
+               "mixed_lora": {"r", "alpha", "encoders_pretrained"}}
     if name not in allowed:
         raise StageConfigError(f"unknown preset {name!r}; expected one of {list(PRESETS)}")
     unknown = sorted(set(options) - allowed[name])
     if unknown:
         raise StageConfigError(f"preset {name!r}: unknown option(s) {unknown}; expected {sorted(allowed[name])}")
+    encoders = [] if options.get("encoders_pretrained", True) else ["vision_encoder", "audio_encoder"]
+    if name == "dense_pretrain":
+        return {"train": ["all"]}
     if name == "alignment":
-        train = ["image_projector", "audio_projector"]
-        if not options.get("encoders_pretrained", True):
-            train += ["vision_encoder", "audio_encoder"]
-        return {"train": train}
+        return {"train": ["image_projector", "audio_projector", *encoders]}
     if name == "modality_experts":
         modalities = options.get("modalities")
+        towers = [*encoders, "image_projector", "audio_projector"] if encoders else []
         if modalities is None:
-            return {"train": ["intra_experts", "routers"]}
+            return {"train": ["intra_experts", "routers", *towers]}
         if isinstance(modalities, str) or not modalities:
             raise StageConfigError(f"preset 'modality_experts': modalities must be a non-empty list, got {modalities!r}")
-        return {"train": [f"intra_experts:{m}" for m in modalities] + ["routers"]}
+        return {"train": [f"intra_experts:{m}" for m in modalities] + ["routers", *towers]}
     lora = {k: options[k] for k in ("r", "alpha") if k in options}
-    return {"train": ["lora", "routers", "image_projector", "audio_projector"], "lora": lora}
+    return {"train": ["lora", "routers", "image_projector", "audio_projector", *encoders], "lora": lora}
 
 
 @dataclass(frozen=True)

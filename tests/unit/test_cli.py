@@ -1,5 +1,6 @@
 """The `omni` command line: every subcommand's --help, and the commands that run in seconds."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,13 +10,38 @@ import pytest
 from omni.cli import BENCHMARKS, main
 
 
-@pytest.mark.parametrize("argv", [[], ["demo"], ["data"], ["data", "synth"], ["data", "build"], ["bench"]])
+SUBCOMMANDS = [[], ["demo"], ["data"], ["data", "synth"], ["data", "build"], ["train"], ["eval"], ["export"],
+               ["chat"], ["bench"]]
+
+
+@pytest.mark.parametrize("argv", SUBCOMMANDS)
 def test_help_of_every_subcommand(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "usage: omni" in text and "--help" in text
+    # every flag (and positional) the parser knows is explained
+    for action in _parser_of(argv)._actions:
+        if action.help is None and not isinstance(action, argparse._SubParsersAction):  # its choices carry help
+            raise AssertionError(f"omni {' '.join(argv)}: {action.option_strings or action.dest} has no help text")
+
+
+def test_every_subcommand_is_covered_by_the_help_test():
+    from omni.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(argv[0] for argv in SUBCOMMANDS if len(argv) == 1)
+
+
+def _parser_of(argv):
+    from omni.cli import build_parser
+
+    parser = build_parser()
+    for word in argv:
+        sub = next(a for a in parser._actions if getattr(a, "choices", None) and isinstance(a.choices, dict))
+        parser = sub.choices[word]
+    return parser
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))

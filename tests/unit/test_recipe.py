@@ -15,13 +15,24 @@ TINY = REPO_ROOT / "recipes" / "tiny_omni.yaml"
 
 def test_shipped_recipe_loads_and_starts_with_its_command():
     recipe = load_recipe(TINY)
-    assert TINY.read_text().splitlines()[0].startswith("# omni data synth") and "omni train recipes/tiny_omni.yaml" \
-        in TINY.read_text().splitlines()[0]
-    assert [s.name for s in recipe.stages] == ["alignment", "modality_experts", "mixed_lora"]
-    assert [s.preset for s in recipe.stages] == ["alignment", "modality_experts", "mixed_lora"]
-    assert recipe.run.nproc_per_node == 2 and recipe.parallel.ep_size == 2 and recipe.parallel.precision == "fp32"
-    assert recipe.stages[2].lora is not None and recipe.stages[2].lora.r == 4
-    assert recipe.data.sources == {"synth": "runs/synth/shards/train"}
+    assert TINY.read_text().splitlines()[0] == "# omni train recipes/tiny_omni.yaml"
+    presets = ["dense_pretrain", "alignment", "modality_experts", "mixed_lora"]
+    assert [s.preset for s in recipe.stages] == presets
+    assert recipe.run.nproc_per_node == 2 and recipe.parallel.ep_size == 2 and recipe.parallel.zero_stage == 2
+    assert recipe.stages[3].lora is not None and recipe.model.dense is not None and recipe.model.upcycle is not None
+    # relative sources are read under data.root (one shard set per task, made by `omni train` from data.synth)
+    root = Path(recipe.data.root)
+    assert recipe.data.synth["out"] == "runs/synth" and root == Path("runs/synth/shards/train")
+    assert recipe.data.sources["text"] == [str(root / t) for t in ("text_copy", "text_reverse", "text_add")]
+
+
+def test_dense_pretrain_stage_rules():
+    with pytest.raises(RecipeError, match="dense_pretrain stage must be stages.0"):
+        load_recipe(TINY, ["stages.1.preset=dense_pretrain"])
+    with pytest.raises(RecipeError, match="dense_pretrain stage must be stages.0"):
+        load_recipe(TINY, ["model.dense=null"])
+    with pytest.raises(RecipeError, match="model.dense is only used by a dense_pretrain stage"):
+        load_recipe(TINY, ["stages.0.preset=alignment"])
 
 
 def test_overrides_nested_list_index_and_yaml_scalars():
@@ -32,7 +43,8 @@ def test_overrides_nested_list_index_and_yaml_scalars():
     assert recipe.stages[1].optimizer.lr == 1e-3 and recipe.train.activation_checkpointing is True
     assert recipe.data.batching["batch_size"] == 2 and recipe.train.stop_after_steps is None
     # a whole list as a YAML flow value replaces the stages
-    recipe = load_recipe(TINY, ["stages=[{name: only, preset: modality_experts, steps: 3}]"])
+    recipe = load_recipe(TINY, ["stages=[{name: only, preset: modality_experts, steps: 3}]", "model.dense=null",
+                                "model.upcycle.dense_path=/some/dense_llm"])
     assert [(s.name, s.steps) for s in recipe.stages] == [("only", 3)]
     raw = {"a": [{"b": 1}]}
     assert apply_overrides(raw, ["a.0.b=2"]) == {"a": [{"b": 2}]} and raw == {"a": [{"b": 1}]}  # a copy
@@ -47,7 +59,7 @@ def test_overrides_nested_list_index_and_yaml_scalars():
     ("trian.save_every=3", "unknown key trian"),
     ("parallel.zero_stage=3", "parallel.zero_stage must be 0, 1 or 2"),
     ("stages.0.data.0.source=nope", "stages.0.data.0.source: 'nope' is not one of data.sources"),
-    ("parallel.ep_size=4", "must divide run.nproc_per_node"),
+    ("parallel.ep_size=0", "parallel.ep_size must be >= 1"),
     ("train.save_every", "expected KEY=VALUE"),
 ])
 def test_bad_values_and_keys_name_the_key(override, message):
@@ -72,7 +84,7 @@ def test_dry_run_prints_config_data_plan_and_parameter_layout(capsys):
     assert main(["train", str(TINY), "--dry-run", "stages.0.steps=5"]) == 0
     out = capsys.readouterr().out
     assert "steps: 5" in out  # the resolved config, overrides applied
-    assert "stage alignment: 5 steps" in out and "runs/synth/shards/train" in out
+    assert "stage dense_llm: 5 steps" in out and "runs/synth/shards/train" in out
     line = next(l for l in out.splitlines() if l.startswith("parameters:"))
     total, active = (int(x.split()[-1].replace(",", "")) for x in line.removeprefix("parameters:").split(", active"))
     assert 0 < active < total

@@ -1,0 +1,160 @@
+"""The shipped tiny-omni recipe end to end, CI-sized (issue 6): recipes/tiny_omni.yaml itself -- the same four stages,
+code paths and launcher (2 processes, EP=2, ZeRO-2, `omni train` re-launching itself through torchrun) -- with a
+small synthetic dataset and a few steps per stage, set by command-line overrides.
+
+    dense_llm (stage 0) -> alignment -> modality_experts -> mixed_lora -> export -> chat answers
+
+What is asserted: the loss falls in every stage; every stage writes its eval.json; the final export loads and
+answers in chat; stage 1 (alignment) leaves the LLM bitwise equal to the stage-0 dense checkpoint it was upcycled
+from; a modality_experts pass over image data alone leaves every other pool's experts bitwise unchanged; re-running
+the last stage from the same inputs gives identical losses (CPU determinism).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE = "recipes/tiny_omni.yaml"
+STAGES = ("dense_llm", "alignment", "modality_experts", "mixed_lora")
+STEPS = 10
+TIMEOUT_S = 420
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def omni(*args: str) -> str:
+    """Run `omni ARGS` in its own session (killed whole on timeout); returns its output, failing on exit != 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "omni.cli", *args], cwd=REPO_ROOT, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"omni {' '.join(args)} timed out after {TIMEOUT_S} s:\n{out[-6000:]}")
+    assert proc.returncode == 0, out[-8000:]
+    return out
+
+
+def ci_overrides(root: Path) -> list[str]:
+    """The recipe at CI size: 20 train samples per task, 4 per task held out, STEPS steps per stage, a small eval."""
+    synth = root / "synth"
+    overrides = [f"run.output_dir={root / 'run'}", f"data.synth.out={synth}", "data.synth.num=220",
+                 "data.synth.eval_num=44", f"data.root={synth / 'shards' / 'train'}",
+                 f"model.tokenizer.bpe_from={synth / 'train.jsonl'}", f"eval.data={synth}", "eval.limit=22",
+                 "eval.final_limit=44", "eval.examples=2", "data.batching.batch_size=4", "data.samples_per_epoch=64",
+                 "train.save_every=5", "train.log_every=1"]
+    for i in range(len(STAGES)):
+        overrides += [f"stages.{i}.steps={STEPS}", f"stages.{i}.optimizer.warmup_steps=2",
+                      f"stages.{i}.optimizer.lr=3.0e-3"]
+    return overrides
+
+
+def losses(run: Path, stage: str) -> dict[int, float]:
+    by_step = {}
+    for line in (run / stage / "losses.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        by_step[entry["step"]] = entry["loss"]
+    return by_step
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny_omni")
+    output = omni("train", RECIPE, *ci_overrides(root))
+    return {"root": root, "run": root / "run", "output": output}
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_every_stage_learns_evaluates_and_the_export_answers(run):
+    out, folder = run["output"], run["run"]
+    for stage in STAGES:
+        by_step = losses(folder, stage)
+        assert sorted(by_step) == list(range(1, STEPS + 1)), (stage, by_step)
+        first = sum(by_step[s] for s in (1, 2, 3)) / 3
+        last = sum(by_step[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+        assert last < first, (stage, by_step)
+        report = json.loads((folder / stage / "eval.json").read_text())
+        assert report["num_samples"] > 0 and 0.0 <= report["overall"] <= 1.0
+        assert f"== eval after stage {stage}" in out
+    final = json.loads((folder / STAGES[-1] / "eval.json").read_text())
+    assert set(final["per_modality"]) == {"text", "image", "audio", "video"}
+    assert "routing" in final and set(final["routing"]["per_modality"]) >= {"image", "audio", "video"}
+    # the final export: a HF folder with the model card, and chat answers printed from it
+    export = folder / "export"
+    assert (export / "config.json").is_file() and (export / "README.md").is_file()
+    assert "chat answers from" in out and out.count("answer:") >= 2, out[-3000:]
+    answer = omni("chat", str(export), "-p", "Repeat: a b c", "--json", "--max-new-tokens", "8")
+    record = json.loads(answer.strip().splitlines()[-1])
+    assert record["tokens"] >= 1 and isinstance(record["answer"], str)
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_alignment_leaves_the_llm_bitwise_equal_to_the_dense_checkpoint(run):
+    """Stage 1 trains only the towers: every LLM tensor of its export equals the stage-0 dense Qwen2 checkpoint's
+    (attention, norms, embeddings, LM head) or, for the routed experts, the slice of the dense FFN they were
+    upcycled from -- bitwise."""
+    dense, aligned = weights(run["run"] / "dense_llm" / "model"), weights(run["run"] / "alignment" / "model")
+    shared = [k for k in dense if k in aligned]
+    assert len(shared) > 20 and not [k for k in shared if not torch.equal(dense[k], aligned[k])]
+    layer = "model.layers.0.mlp"
+    gate_up = aligned[f"{layer}.experts.gate_up_proj"]  # [E, 2F, D]: expert e holds a slice of the dense FFN
+    f = gate_up.shape[1] // 2
+    dense_gate = dense[f"{layer}.gate_proj.weight"]
+    assert any(torch.equal(gate_up[0, :f], dense_gate[i * f:(i + 1) * f]) for i in range(dense_gate.shape[0] // f))
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_modality_experts_on_image_data_leaves_other_pools_bitwise_unchanged(run, tmp_path):
+    from modeling.configuration_omni import OmniMoeConfig
+
+    start = run["run"] / "alignment" / "model"
+    stage = ("stages=[{name: image_experts, preset: {name: modality_experts, modalities: [image]}, steps: 3, "
+             "data: [{source: image}], optimizer: {lr: 1.0e-2, warmup_steps: 1}}]")
+    overrides = [o for o in ci_overrides(run["root"]) if not o.startswith(("stages.", "run.output_dir"))]
+    omni("train", RECIPE, *overrides, f"run.output_dir={tmp_path}", f"model.from={start}", "model.upcycle=null",
+         "model.dense=null", stage)
+    before, after = weights(start), weights(tmp_path / "image_experts" / "model")
+    pools = OmniMoeConfig.from_pretrained(str(start)).expert_pools()
+    image = list(pools["image"])
+    others = [g for name, ids in pools.items() if name not in ("image", "null") for g in ids]
+    for key in [k for k in before if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        assert torch.equal(before[key][others], after[key][others]), key
+        assert not torch.equal(before[key][image], after[key][image]), key
+    frozen = [k for k in before if "experts." not in k and ".gate." not in k]
+    assert not [k for k in frozen if not torch.equal(before[k], after[k])]
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_last_stage_rerun_from_the_same_inputs_gives_identical_losses(run, tmp_path):
+    """CPU determinism: the run folder with stages 0-2 done, the last stage's folder removed, the same command ->
+    the last stage's losses `==` the first run's."""
+    copy = tmp_path / "run"
+    shutil.copytree(run["run"], copy, ignore=shutil.ignore_patterns(STAGES[-1], "export"))
+    overrides = [o for o in ci_overrides(run["root"]) if not o.startswith("run.output_dir")]
+    omni("train", RECIPE, *overrides, f"run.output_dir={copy}")
+    assert losses(copy, STAGES[-1]) == losses(run["run"], STAGES[-1])
