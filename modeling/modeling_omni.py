@@ -94,13 +94,16 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
                 for module in child.modules():
                     module._omni_torch_default_init = True
         self.post_init()
-        # Encoders built from a config (not loaded) start their linear and conv layers from PyTorch's default init
-        # too, not their library's N(0, 0.02) (Whisper's): measured on the synthetic tasks, GUIDE §6. Position
-        # embeddings keep theirs (Whisper's are fixed sinusoids). Under from_pretrained / meta-device construction
-        # transformers turns these init calls into no-ops, and the loaded weights replace them anyway.
-        for encoder in (self.media.vision_encoder, self.media.audio_encoder):
+        # Encoders built from a config (not loaded) start from PyTorch's default init too, not their library's
+        # N(0, 0.02): measured on the synthetic tasks, GUIDE §6. That includes the vision encoder's learned position
+        # embeddings (N(0, 1)): at 0.02 against patch features of order 1 a fresh ViT is nearly blind to where a
+        # patch is. Whisper's position embeddings are fixed sinusoids and keep them. Under from_pretrained /
+        # meta-device construction transformers turns these init calls into no-ops (loaded weights replace them).
+        towers = ((self.media.vision_encoder, (nn.Linear, nn.Conv2d, nn.Embedding)),
+                  (self.media.audio_encoder, (nn.Linear, nn.Conv1d)))
+        for encoder, kinds in towers:
             for module in encoder.modules() if encoder is not None else ():
-                if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                if isinstance(module, kinds):
                     module.reset_parameters()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -34,6 +34,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launching import small_synth_shards
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "tests/distributed/loop_recipe.yaml"
 SINGLE_STAGE = "stages=[{name: experts, preset: modality_experts, steps: 12, optimizer: {lr: 1.0e-2, warmup_steps: 1}}]"
@@ -139,16 +141,7 @@ def losses(output: Path, stage: str) -> tuple[dict[int, float], list[int]]:
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    from data.quality import DropPolicy
-    from data.shards import build_shards
-    from data.synth import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    manifest = generate(root, seed=0, splits={"train": 44})["train"]
-    # 4 shards: a multiple of 2 ranks x 1 reader each
-    build_shards(manifest, root, root / "shards", max_samples_per_shard=11, policy=DropPolicy(strict=True),
-                 progress=False)
-    return {"manifest": str(manifest), "shards": str(root / "shards")}
+    return small_synth_shards(tmp_path_factory.mktemp("synth"))
 
 
 @pytest.fixture(scope="module")

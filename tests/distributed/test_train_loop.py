@@ -11,8 +11,6 @@ last entry per step counts), final weights from OUTPUT/<stage>/model.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,31 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.launching import launcher_env, run_in_session, small_synth_shards
+
 RECIPE = "tests/distributed/loop_recipe.yaml"
 SINGLE_STAGE = "stages=[{name: experts, preset: modality_experts, steps: 12, optimizer: {lr: 1.0e-2, warmup_steps: 1}}]"
 LAUNCH_TIMEOUT_S = 240
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def _launch(command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a launcher in its own session; on timeout kill the whole session (torchrun and its ranks)."""
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env={**_env(), **(extra_env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(command)} timed out after {LAUNCH_TIMEOUT_S} s:\n{out[-6000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, "")
+    return run_in_session(command, timeout_s=LAUNCH_TIMEOUT_S, env=launcher_env(**(extra_env or {})), check=False)
 
 
 def omni_train(data: dict, output: Path, *overrides: str, extra_env=None):
@@ -72,15 +54,7 @@ def weights(output: Path, stage: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    from data.quality import DropPolicy
-    from data.shards import build_shards
-    from data.synth import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    manifest = generate(root, seed=0, splits={"train": 44})["train"]
-    build_shards(manifest, root, root / "shards", max_samples_per_shard=11, policy=DropPolicy(strict=True),
-                 progress=False)
-    return {"manifest": str(manifest), "shards": str(root / "shards")}
+    return small_synth_shards(tmp_path_factory.mktemp("synth"))
 
 
 @pytest.fixture(scope="module")

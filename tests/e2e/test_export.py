@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +25,8 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from tests.launching import launcher_env, run_in_session
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGE = "mixed_lora"
@@ -93,25 +94,11 @@ save_file(tensors, str(out / "fresh.safetensors"))
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    return launcher_env(**extra)
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run in its own session; on timeout kill the whole session (torchrun and its ranks too)."""
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{command[:4]} timed out after {TIMEOUT_S} s:\n{out[-6000:]}")
-    assert proc.returncode == 0, f"{command[:6]} failed:\n{out[-8000:]}"
-    return subprocess.CompletedProcess(command, proc.returncode, out, "")
+    return run_in_session(command, timeout_s=TIMEOUT_S, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
