@@ -65,6 +65,7 @@ def _parse_bool(text: str) -> bool:
 # key -> (parse, is_valid, what a valid value is)
 SETTING_RULES = {
     "max_new_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
+    "min_new_tokens": (int, lambda v: v >= 0, "an integer >= 0 (the end of turn is suppressed until then)"),
     "do_sample": (_parse_bool, lambda v: True, "true or false"),
     "temperature": (float, lambda v: v > 0, "a number > 0"),
     "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -77,6 +78,7 @@ SAMPLING_ONLY = ("temperature", "top_p", "top_k")
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 256
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0

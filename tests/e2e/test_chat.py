@@ -169,8 +169,12 @@ def test_piped_session_history_attachments_set_clear_errors(files):
         "/exit",
         "never answered",
     ]
-    run = subprocess.run([*CHAT, files["model"], "--json", "--show-prompt", "--max-new-tokens", "10"],
-                         input="\n".join(lines) + "\n", check=False, capture_output=True, text=True, timeout=180, env=ENV, cwd=ROOT)
+    raw = subprocess.run([*CHAT, files["model"], "--json", "--show-prompt", "--max-new-tokens", "10"],
+                         input=("\n".join(lines) + "\n").encode(), check=False, capture_output=True, timeout=180,
+                         env=ENV, cwd=ROOT)
+    # bytes, decoded by hand: text mode would turn a "\r" inside a random model's answer into "\n"
+    run = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode("utf-8", "replace"),
+                                      raw.stderr.decode("utf-8", "replace"))
     assert run.returncode == 0, run.stderr
     answers = [json.loads(line) for line in run.stdout.splitlines()]  # --json: stdout holds only answers
     assert [a["prompt"] for a in answers] == ["Describe the image.", f"and this <image:{files['png']}> too",
@@ -258,14 +262,14 @@ def test_interactive_chat_through_a_pseudo_terminal(files):
         chat.send(f"/image {files['bad_png']}")
         assert f"error: {files['bad_png']}: " in chat.expect(r">>> ")
         # Ctrl-C stops a long answer, not the program
-        chat.send("/set max_new_tokens=5000")
+        chat.send("/set max_new_tokens=5000 min_new_tokens=5000")  # no early end of turn: only Ctrl-C stops it
         chat.expect(r">>> ")
         chat.send("Talk for a long time.")
         chat.expect(r"--- end of prompt ---\n")
         time.sleep(0.5)
         os.write(chat.master, b"\x03")
         assert "[interrupted]" in chat.expect(r">>> ", timeout=60)
-        chat.send("/set max_new_tokens=4")
+        chat.send("/set max_new_tokens=4 min_new_tokens=0")
         chat.expect(r">>> ")
         chat.send("After the interruption?")
         after = chat.expect(r">>> ")
