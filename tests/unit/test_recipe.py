@@ -16,8 +16,9 @@ TINY = REPO_ROOT / "recipes" / "tiny_omni.yaml"
 def test_shipped_recipe_loads_and_starts_with_its_command():
     recipe = load_recipe(TINY)
     assert TINY.read_text().splitlines()[0] == "# omni train recipes/tiny_omni.yaml"
-    presets = ["dense_pretrain", "alignment", "modality_experts", "mixed_lora"]
-    assert [s.preset for s in recipe.stages] == presets
+    assert [s.name for s in recipe.stages] == ["dense_llm", "alignment", "modality_experts", "mixed_lora"]
+    assert [s.preset for s in recipe.stages] == ["dense_pretrain", "alignment", None, "mixed_lora"]
+    assert {"intra_experts", "routers", "attention"} <= set(recipe.stages[2].train)
     assert recipe.run.nproc_per_node == 2 and recipe.parallel.ep_size == 2 and recipe.parallel.zero_stage == 2
     assert recipe.stages[3].lora is not None and recipe.model.dense is not None and recipe.model.upcycle is not None
     # relative sources are read under data.root (one shard set per task, made by `omni train` from data.synth)
