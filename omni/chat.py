@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import sys
 import threading
 import time
@@ -406,6 +407,9 @@ def handle_line(line: str, session: ChatSession, terminal: _Terminal) -> bool:
 
 
 def interactive(session: ChatSession, terminal: _Terminal) -> int:
+    # A process started with SIGINT ignored (nohup, some launchers and job runners) keeps ignoring it, and Ctrl-C
+    # could then never stop an answer: take the signal back (Python's own handler raises KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     tty = sys.stdin.isatty()
     if tty:
         import readline  # noqa: F401  (line editing and history for input())
