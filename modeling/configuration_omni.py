@@ -70,7 +70,8 @@ class OmniMoeConfig(PretrainedConfig):
     averaged together), `qformer_num_queries`, `qformer_num_layers`, `qformer_num_heads`.
 
     Omni 3D RoPE: `mrope_section` (rotary frequency pairs given to the time, height and width
-    components; sums to head_dim // 2), `rope_positions_per_second` (time ids per second of
+    components; sums to head_dim // 2), `mrope_interleaved` (True: pairs dealt t, h, w, t, ... so every axis gets
+    fast and slow frequencies; False: contiguous sections, Qwen2-VL's layout; see rope.py), `rope_positions_per_second` (time ids per second of
     video/audio, so audio and video from the same second share time ids).
     """
 
@@ -131,6 +132,7 @@ class OmniMoeConfig(PretrainedConfig):
         qformer_num_heads: int = 4,
         # --- Omni 3D RoPE ---
         mrope_section: list[int] | None = None,
+        mrope_interleaved: bool = True,
         rope_positions_per_second: float = 25.0,
         # --- special tokens ---
         image_token_id: int | None = None,
@@ -197,6 +199,7 @@ class OmniMoeConfig(PretrainedConfig):
         if mrope_section is None:
             mrope_section = default_mrope_section(self.head_dim)
         self.mrope_section = [int(s) for s in mrope_section]
+        self.mrope_interleaved = bool(mrope_interleaved)
         self.rope_positions_per_second = rope_positions_per_second
 
         self.image_token_id = image_token_id

@@ -76,7 +76,8 @@ class OmniMoePreTrainedModel(PreTrainedModel):
             init.zeros_(module.e_score_correction_bias)
             init.copy_(module.allowed, torch.tensor(module.allowed_rows, dtype=torch.bool))
         elif isinstance(module, OmniRotaryEmbedding):
-            fresh = OmniRotaryEmbedding(self.config.head_dim, self.config.rope_theta, self.config.mrope_section)
+            fresh = OmniRotaryEmbedding(self.config.head_dim, self.config.rope_theta, self.config.mrope_section,
+                                        self.config.mrope_interleaved)
             init.copy_(module.inv_freq, fresh.inv_freq)
             init.copy_(module.component_of_freq, fresh.component_of_freq)
 

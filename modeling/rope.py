@@ -1,8 +1,16 @@
 """Omni 3D rotary position embedding (M-RoPE with time, height and width components).
 
-Each token carries three position ids (t, h, w). The head dimension's rotary frequency pairs are split into three
-contiguous sections (`config.mrope_section`, e.g. 16/24/24 of 64 pairs): the lowest frequencies' section rotates with t,
-the next with h, the last with w. Text tokens carry the same id on all three rows, so the rotation is exactly 1-D RoPE.
+Each token carries three position ids (t, h, w). `config.mrope_section` says how many of the head dimension's rotary
+frequency pairs each component drives (e.g. 4/6/6 of 16 pairs), and `config.mrope_interleaved` how they are laid out:
+
+- interleaved (the default, Qwen3-VL's layout): pairs are dealt t, h, w, t, h, w, ... from the highest frequency
+  down (a component whose count is used up drops out), so every axis gets fast and slow frequencies;
+- sectioned (Qwen2-VL's layout): contiguous blocks, t on the highest frequencies, then h, then w on the lowest.
+  With a small head dimension the width axis is then left only near-zero frequencies: at head_dim 32, rope_theta
+  1e4, neighbouring image columns differ by <= 0.003 rad, so attention cannot tell left from right (measured on
+  the tiny recipe: left/right at chance, top/bottom perfect).
+
+Text tokens carry the same id on all three rows, so either layout is exactly 1-D RoPE on text.
 How the ids are assigned to image, video and audio tokens lives in `positions.py`.
 """
 
@@ -26,15 +34,28 @@ def apply_omni_rotary(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def frequency_components(mrope_section: list[int], interleaved: bool) -> list[int]:
+    """For each rotary frequency pair (highest frequency first), the position row (0 = t, 1 = h, 2 = w) driving it."""
+    if not interleaved:
+        return [c for c, n in enumerate(mrope_section) for _ in range(n)]
+    left, components = list(mrope_section), []
+    while any(left):
+        for c in range(len(left)):
+            if left[c]:
+                components.append(c)
+                left[c] -= 1
+    return components
+
+
 class OmniRotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, rope_theta: float, mrope_section: list[int]):
+    def __init__(self, head_dim: int, rope_theta: float, mrope_section: list[int], interleaved: bool = True):
         super().__init__()
         if sum(mrope_section) != head_dim // 2:
             raise ValueError(f"mrope_section {mrope_section} must sum to head_dim // 2 = {head_dim // 2}")
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # component_of_freq[j] in {0, 1, 2}: which position row (t, h, w) drives frequency pair j
-        component = torch.tensor([c for c, n in enumerate(mrope_section) for _ in range(n)])
+        component = torch.tensor(frequency_components(list(mrope_section), interleaved))
         self.register_buffer("component_of_freq", component, persistent=False)
 
     @torch.no_grad()

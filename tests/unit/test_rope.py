@@ -1,17 +1,20 @@
-"""Omni 3D RoPE reduces exactly to 1-D RoPE when the three position rows are equal."""
+"""Omni 3D RoPE reduces exactly to 1-D RoPE when the three position rows are equal; each layout drives the pairs it
+says; the interleaved layout gives every axis a fast frequency."""
 
+import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from modeling.configuration_omni import default_mrope_section
-from modeling.rope import OmniRotaryEmbedding, apply_omni_rotary
+from modeling.rope import OmniRotaryEmbedding, apply_omni_rotary, frequency_components
 from tests.tiny import tiny_qwen2_config
 
 
-def test_equal_components_equal_qwen2_rope():
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_equal_components_equal_qwen2_rope(interleaved):
     cfg = tiny_qwen2_config()
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    ours = OmniRotaryEmbedding(head_dim, 10000.0, default_mrope_section(head_dim))
+    ours = OmniRotaryEmbedding(head_dim, 10000.0, default_mrope_section(head_dim), interleaved)
     ref = Qwen2RotaryEmbedding(cfg)
     x = torch.zeros(1, dtype=torch.float32)
     pos = torch.randint(0, 300, (2, 17))
@@ -24,10 +27,12 @@ def test_equal_components_equal_qwen2_rope():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_components_drive_their_own_sections():
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_components_drive_their_own_pairs(interleaved):
     head_dim = 16
     section = default_mrope_section(head_dim)
-    rope = OmniRotaryEmbedding(head_dim, 10000.0, section)
+    rope = OmniRotaryEmbedding(head_dim, 10000.0, section, interleaved)
+    components = torch.tensor(frequency_components(section, interleaved))
     x = torch.zeros(1)
     base = torch.zeros(3, 1, 1, dtype=torch.long)
     cos0, _ = rope(x, base)
@@ -36,7 +41,21 @@ def test_components_drive_their_own_sections():
         moved[component] = 5
         cos, _ = rope(x, moved)
         changed = (cos != cos0)[0, 0, : head_dim // 2]
-        start = sum(section[:component])
-        expected = torch.zeros(head_dim // 2, dtype=torch.bool)
-        expected[start : start + section[component]] = True
+        expected = components == component
+        assert int(expected.sum()) == section[component]
+        if not interleaved:  # contiguous blocks in t, h, w order
+            start = sum(section[:component])
+            assert torch.equal(expected.nonzero().flatten(), torch.arange(start, start + section[component]))
         assert torch.equal(changed, expected), (component, changed)
+
+
+def test_interleaved_layout_gives_every_axis_a_fast_frequency():
+    """At the tiny recipe's head_dim 32 the sectioned layout leaves the width axis <= 0.0032 rad per column (left and
+    right indistinguishable to attention); interleaved, every axis has a pair turning >= 0.3 rad per position."""
+    head_dim = 32
+    section = default_mrope_section(head_dim)
+    sectioned = OmniRotaryEmbedding(head_dim, 10000.0, section, interleaved=False)
+    assert float(sectioned.inv_freq[sectioned.component_of_freq == 2].max()) <= 0.0032
+    interleaved = OmniRotaryEmbedding(head_dim, 10000.0, section, interleaved=True)
+    for axis in range(3):
+        assert float(interleaved.inv_freq[interleaved.component_of_freq == axis].max()) >= 0.3, axis
