@@ -139,6 +139,25 @@ def test_build_bpe_tokenizer_is_deterministic_with_specials_and_template(tokeniz
         build_bpe_tokenizer(TEXTS, vocab_size=100)
 
 
+def test_bpe_from_a_manifest_learns_the_chat_template_role_lines(tmp_path):
+    from omni.train import manifest_texts
+
+    manifest = tmp_path / "train.jsonl"
+    with manifest.open("w") as handle:
+        for i in range(40):
+            messages = [{"role": "user", "content": f"<image>\nWhat colour is shape {i}?"},
+                        {"role": "assistant", "content": ["red", "blue"][i % 2]}]
+            handle.write(json.dumps({"id": f"s{i}", "messages": messages}) + "\n")
+    texts = manifest_texts(manifest)
+    assert texts[:2] == ["user\n<image>\nWhat colour is shape 0?", "assistant\nred"] and len(texts) == 80
+    with_roles = build_bpe_tokenizer(texts, vocab_size=300)
+    contents_only = build_bpe_tokenizer([t.split("\n", 1)[1] for t in texts], vocab_size=300)
+    conversation = [{"role": "user", "content": "What colour is shape 3?"}, {"role": "assistant", "content": "red"}]
+    rendered = with_roles.apply_chat_template(conversation, tokenize=False)
+    assert "assistant" in with_roles.tokenize(rendered)  # one token, as in every sample the model trains on
+    assert len(with_roles(rendered).input_ids) < len(contents_only(rendered).input_ids)
+
+
 def test_ensure_special_tokens_adds_only_missing(tokenizer, tmp_path):
     # A Qwen2-like tokenizer that has the ChatML tokens but none of our placeholders.
     backend = Tokenizer(models.BPE())
