@@ -142,6 +142,16 @@ def score(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
+def word_accuracy(prediction: str, answer: str) -> float:
+    """Partial credit: the share of answer words the prediction has at the same place, over the longer of the two
+    (after `normalize_answer`). "a red cross at the top left" for "a red circle at the top right": 5/7. Shows what
+    an answer already gets right (colour, position, most digits) where exact match is still 0."""
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    if not predicted and not expected:
+        return 1.0
+    return sum(p == e for p, e in zip(predicted, expected)) / max(len(predicted), len(expected))
+
+
 def split_seed(seed: int, split: str) -> int:
     """The split's own seed; distinct for every (seed >= 0, split) pair."""
     if split not in SPLIT_INDEX:

@@ -42,7 +42,7 @@ from data.media import (
 )
 from data.quality import SampleRejected
 from data.schema import primary_modality, to_processor_messages, validate_sample
-from data.synth import score
+from data.synth import score, word_accuracy
 
 NO_TASK = "unspecified"  # samples of datasets that do not name a task in meta.task
 EXAMPLES_PER_TASK = 2
@@ -168,10 +168,15 @@ class Prediction:
     def correct(self) -> bool:
         return score(self.prediction, self.answer)
 
+    @property
+    def word_accuracy(self) -> float:
+        return word_accuracy(self.prediction, self.answer)
+
 
 @dataclass
 class EvalReport:
-    """Exact match (a fraction in [0, 1]) per modality, per task and overall, plus every prediction."""
+    """Exact match (a fraction in [0, 1]) per modality, per task and overall, plus every prediction; each group also
+    carries `word_accuracy` (partial credit: answer words right at their place, `data.synth.word_accuracy`)."""
 
     per_modality: dict[str, dict]
     per_task: dict[str, dict]
@@ -189,10 +194,13 @@ class EvalReport:
         return out
 
     def format_table(self) -> str:
-        lines = [f"{'modality':<20} {'n':>6} {'exact match':>12}"]
-        lines += [f"{m:<20} {r['n']:>6} {100 * r['exact_match']:>10.1f} %" for m, r in self.per_modality.items()]
-        lines += ["", f"{'task':<20} {'n':>6} {'exact match':>12}"]
-        lines += [f"{t:<20} {r['n']:>6} {100 * r['exact_match']:>10.1f} %" for t, r in self.per_task.items()]
+        def row(name: str, r: dict) -> str:
+            return f"{name:<20} {r['n']:>6} {100 * r['exact_match']:>10.1f} % {100 * r['word_accuracy']:>12.1f} %"
+
+        lines = [f"{'modality':<20} {'n':>6} {'exact match':>12} {'word accuracy':>14}"]
+        lines += [row(m, r) for m, r in self.per_modality.items()]
+        lines += ["", f"{'task':<20} {'n':>6} {'exact match':>12} {'word accuracy':>14}"]
+        lines += [row(t, r) for t, r in self.per_task.items()]
         lines += ["", f"{'overall':<20} {self.num_samples:>6} {100 * self.overall:>10.1f} %"]
         if self.routing is not None:
             title = (f"routing: share of routed probability mass, mean over {self.routing['num_moe_layers']} "
@@ -208,10 +216,12 @@ class EvalReport:
 
 
 def _group_accuracy(predictions: list[Prediction], key) -> dict[str, dict]:
-    groups: dict[str, list[bool]] = defaultdict(list)
+    groups: dict[str, list[Prediction]] = defaultdict(list)
     for p in predictions:
-        groups[key(p)].append(p.correct)
-    return {name: {"n": len(hits), "exact_match": sum(hits) / len(hits)} for name, hits in sorted(groups.items())}
+        groups[key(p)].append(p)
+    return {name: {"n": len(group), "exact_match": sum(p.correct for p in group) / len(group),
+                   "word_accuracy": sum(p.word_accuracy for p in group) / len(group)}
+            for name, group in sorted(groups.items())}
 
 
 def score_predictions(predictions: list[Prediction]) -> EvalReport:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from data.synth import TASKS, generate
+from data.synth import TASKS, generate, word_accuracy
 from omni.cli import main
 from omni.evaluate import Prediction, generate_answers, load_split, score_predictions
 from omni.loading import load_model_and_processor
@@ -107,16 +107,26 @@ def test_scoring_normalises_and_aggregates_per_task_and_modality():
                    for i, (task, modality, prediction, answer, _) in enumerate(cases)]
     assert [p.correct for p in predictions] == [c[-1] for c in cases]
     report = score_predictions(predictions)
+    # word accuracy: "1 2" vs "12" has no word right (0/2); "1 2 3." vs "1 2 3" two of three
     assert report.per_task == {
-        "audio_transcribe": {"n": 2, "exact_match": 0.0},
-        "image_caption": {"n": 1, "exact_match": 1.0},
-        "image_colour": {"n": 3, "exact_match": pytest.approx(2 / 3)},
+        "audio_transcribe": {"n": 2, "exact_match": 0.0, "word_accuracy": pytest.approx(1 / 3)},
+        "image_caption": {"n": 1, "exact_match": 1.0, "word_accuracy": 1.0},
+        "image_colour": {"n": 3, "exact_match": pytest.approx(2 / 3), "word_accuracy": pytest.approx(2 / 3)},
     }
-    assert report.per_modality == {"audio": {"n": 2, "exact_match": 0.0},
-                                   "image": {"n": 4, "exact_match": 0.75}}
+    assert report.per_modality == {"audio": {"n": 2, "exact_match": 0.0, "word_accuracy": pytest.approx(1 / 3)},
+                                   "image": {"n": 4, "exact_match": 0.75, "word_accuracy": 0.75}}
     assert report.overall == pytest.approx(3 / 6) and report.num_samples == 6
     assert "66.7 %" in report.format_table() and "50.0 %" in report.format_table()
     assert report.to_dict(checkpoint="c", split="val")["per_task"]["image_caption"]["exact_match"] == 1.0
+
+
+def test_word_accuracy_gives_partial_credit_in_place():
+    assert word_accuracy("a red cross at the top left", "a red circle at the top right") == pytest.approx(5 / 7)
+    assert word_accuracy("6 5 8", "6 1 7") == pytest.approx(1 / 3)
+    assert word_accuracy("1 2 3 4", "1 2") == pytest.approx(2 / 4)  # extra words cost
+    assert word_accuracy("2 1", "1 2") == 0.0  # right words, wrong places
+    assert word_accuracy("Top Left.", "top left") == 1.0 and word_accuracy("", "") == 1.0
+    assert word_accuracy("", "red") == 0.0
 
 
 def test_missing_dataset_or_split_is_a_clear_error(dataset, model_dir, tmp_path, capsys):
