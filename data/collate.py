@@ -99,7 +99,8 @@ class OmniCollator:
 
     `max_length`: the longest sample (padded) or packed row allowed; `pad_to_multiple_of`: round the
     sequence dimension up (fewer distinct shapes for kernels and compilers); `strip_media`: learn from the text
-    alone (media markers and media dropped: `data.schema.strip_media`), e.g. for a text-only LLM.
+    alone (media dropped, each marker replaced by the sample's `meta.media_text` description when it has one:
+    `data.schema.strip_media`), e.g. for a text-only LLM.
     """
 
     def __init__(self, processor, max_length: int | None = None, pad_to_multiple_of: int | None = None,

@@ -87,9 +87,20 @@ def make_token_length_fn(tokenizer: Any) -> LengthFn:
 
 
 def strip_media(sample: dict) -> dict:
-    """The sample as text alone: media markers removed from every message (surrounding whitespace tidied), media
-    fields dropped. What a text-only model (stage 0's dense LLM) learns from a multimodal dataset."""
-    messages = [{**msg, "content": " ".join(_MARKER_RE.sub(" ", msg["content"]).split())} for msg in sample["messages"]]
+    """The sample as text alone, what a text-only model (stage 0's dense LLM) learns from a multimodal dataset: media
+    fields dropped, and each media marker replaced by its description in `meta.media_text` (one string per marker,
+    in order of appearance) or, without one, removed (surrounding whitespace tidied).
+
+    With descriptions the text model learns to answer from what the media show, put in words ("a red circle at the
+    top left" + "Which colour is the shape?" -> "red"): the in-context reading a pretrained LLM brings to alignment.
+    Without them it can only learn the answers' prior, and that the context does not tell."""
+    descriptions = list((sample.get("meta") or {}).get("media_text") or [])
+
+    def replace(match: re.Match) -> str:
+        return f" {descriptions.pop(0)} " if descriptions else " "
+
+    messages = [{**msg, "content": " ".join(_MARKER_RE.sub(replace, msg["content"]).split())}
+                for msg in sample["messages"]]
     return {k: v for k, v in sample.items() if k not in MEDIA_FIELDS.values() and k != "video_fps"} | \
         {"messages": messages}
 

@@ -43,6 +43,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DATASET_NAME = "synth"
+# bumped whenever the samples a seed gives change (2: meta.media_text), so a dataset made by older code is remade
+SYNTH_VERSION = 2
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 DEFAULT_NUM = 4400  # 400 train samples per task
 DEFAULT_IMAGE_SIZE = 32
@@ -380,8 +382,21 @@ def to_sample(plan: PlannedSample, split: str, media: Mapping[str, Any]) -> dict
         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": plan.answer}],
         **media,
         "meta": {"task": plan.task, "modality": modality, "split": split, "dataset": DATASET_NAME,
-                 "answer": plan.answer, "attributes": plan.attributes},
+                 "answer": plan.answer, "attributes": plan.attributes,
+                 **({"media_text": [describe_media(modality, plan.attributes)]} if marker else {})},
     }
+
+
+def describe_media(modality: str, attributes: Mapping[str, Any]) -> str:
+    """What a sample's medium shows, in words (`meta.media_text`; `data.schema.strip_media` puts it in the marker's
+    place for text-only training)."""
+    if modality == "image":
+        return f"a {attributes['colour']} {attributes['shape']} at the {attributes['position']}"
+    if modality == "video":
+        return f"a {attributes['colour']} {attributes['shape']} moving {attributes['direction']}"
+    if modality == "audio":
+        return f"the digits {attributes['digits']}"
+    raise ValueError(f"describe_media: no description for modality {modality!r}")
 
 
 def _resolve_splits(splits, num: int, eval_num: int | None, tasks: Sequence[str]) -> dict[str, int]:

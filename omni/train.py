@@ -98,9 +98,12 @@ def relaunch_with_torchrun(recipe_path: str, overrides: list[str], nproc: int) -
 # ----------------------------------------------------------------------------- building blocks
 def prepare_synth_data(recipe: Recipe) -> None:
     """`data.synth: {out, num, seed, eval_num}`: make the synthetic dataset there (one shard set per task) unless a
-    previous run finished it (its READY.json). Runs once, before the ranks start."""
+    previous run finished it with the same command and generator version (its READY.json). Runs once, before the
+    ranks start."""
+    from data.synth import SYNTH_VERSION
+
     spec = recipe.data.synth
-    if spec is None or (Path(spec["out"]) / READY_FILE).is_file():
+    if spec is None:
         return
     from omni.cli import build_parser
 
@@ -108,11 +111,20 @@ def prepare_synth_data(recipe: Recipe) -> None:
             str(spec.get("seed", 0)), "--shards-by-task", "--overwrite"]
     if spec.get("eval_num") is not None:
         argv += ["--eval-num", str(spec["eval_num"])]
-    print(f"omni train: making the synthetic dataset: omni {' '.join(argv)}", flush=True)
+    ready = {"command": "omni " + " ".join(argv), "synth_version": SYNTH_VERSION}
+    ready_file = Path(spec["out"]) / READY_FILE
+    if ready_file.is_file():
+        try:
+            if json.loads(ready_file.read_text(encoding="utf-8")) == ready:
+                return
+        except json.JSONDecodeError:
+            pass
+        print(f"omni train: {spec['out']} was made by another command or generator version: remaking it", flush=True)
+    print(f"omni train: making the synthetic dataset: {ready['command']}", flush=True)
     args = build_parser().parse_args(argv)
     if args.handler(args) != 0:
-        raise RuntimeError(f"omni {' '.join(argv)} failed")
-    (Path(spec["out"]) / READY_FILE).write_text(json.dumps({"command": "omni " + " ".join(argv)}) + "\n")
+        raise RuntimeError(f"{ready['command']} failed")
+    ready_file.write_text(json.dumps(ready) + "\n")
 
 
 

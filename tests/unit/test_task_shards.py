@@ -34,3 +34,59 @@ def test_strip_media_keeps_the_text_and_drops_media():
     assert text["messages"][0]["content"] == "What colour is the shape?"
     assert text["messages"][1]["content"] == "red" and text["meta"] == {"task": "t"}
     assert not {"images", "videos", "video_fps"} & set(text) and "images" in sample  # the input is not changed
+
+
+def test_strip_media_puts_each_media_description_in_its_markers_place():
+    sample = {"id": "x", "messages": [{"role": "user", "content": "<image>\nCompare with <audio>."},
+                                       {"role": "assistant", "content": "same"}],
+              "images": ["a.png"], "audios": ["b.wav"],
+              "meta": {"media_text": ["a red circle at the top left", "the digits 0 2"]}}
+    text = strip_media(sample)
+    assert text["messages"][0]["content"] == "a red circle at the top left Compare with the digits 0 2 ."
+    assert text["meta"]["media_text"] == ["a red circle at the top left", "the digits 0 2"]  # not consumed
+
+
+def test_synthetic_media_samples_describe_their_media_and_the_shards_keep_it(tmp_path):
+    from data.synth import describe_media
+
+    out = tmp_path / "synth"
+    assert main(["data", "synth", str(out), "--num", "22", "--eval-num", "11", "--shards-by-task"]) == 0
+    seen = set()
+    for folder in (f for f in (out / "shards" / "train").iterdir() if (f / "index.json").is_file()):
+        for sample in ShardDataset(str(folder), rank=0, world_size=1, shuffle=False):
+            meta = sample["meta"]
+            if meta["modality"] == "text":
+                assert "media_text" not in meta and strip_media(sample)["messages"] == sample["messages"]
+                continue
+            attributes, (described,) = meta["attributes"], meta["media_text"]
+            assert described == describe_media(meta["modality"], attributes)
+            # every attribute the questions ask about is in the words (so the text alone answers them)
+            for key in ("colour", "shape", "position", "direction", "digits"):
+                if key in attributes:
+                    assert str(attributes[key]) in described
+            stripped = strip_media(sample)["messages"][0]["content"]
+            assert stripped.startswith(described) and "<" not in stripped
+            seen.add(meta["modality"])
+    assert seen == {"image", "video", "audio"}
+
+
+def test_omni_train_remakes_a_synthetic_dataset_made_by_another_generator_version(tmp_path, capsys):
+    from data.synth import SYNTH_VERSION
+    from omni.recipe import load_recipe
+    from omni.train import READY_FILE, prepare_synth_data
+
+    out = tmp_path / "synth"
+    recipe = load_recipe("recipes/tiny_omni.yaml", [f"data.synth.out={out}", "data.synth.num=22",
+                                                    "data.synth.eval_num=11"])
+    prepare_synth_data(recipe)
+    ready = json.loads((out / READY_FILE).read_text())
+    assert ready["synth_version"] == SYNTH_VERSION and "--num 22" in ready["command"]
+    manifest = out / "train.jsonl"
+    made = manifest.stat().st_mtime_ns
+    prepare_synth_data(recipe)  # finished with the same command and version: kept
+    assert manifest.stat().st_mtime_ns == made
+    (out / READY_FILE).write_text(json.dumps({"command": ready["command"]}))  # an older generator's dataset
+    manifest.write_text("")
+    prepare_synth_data(recipe)
+    assert "remaking it" in capsys.readouterr().out
+    assert json.loads((out / READY_FILE).read_text()) == ready and len(manifest.read_text().splitlines()) == 22
