@@ -7,7 +7,8 @@
                                from (a previous stage's output / an exported HF folder with tokenizer + processor)
                tokenizer: a tokenizer folder, or {bpe_from: MANIFEST.jsonl, vocab_size: N} (a byte-level BPE trained
                on the manifest's conversation texts; deterministic, so every rank builds the same one)
-    data:      sources {name: shard dir or list of them; relative to `root` when given}, synth {out, num, seed}
+    data:      sources {name: shard dir or list of them; relative to `root` when given},
+               synth {out, num, seed, eval_num, max_samples_per_shard}
                (the synthetic dataset, made by `omni train` when missing), batching {strategy, batch_size, max_tokens, lookahead, packing,
                max_length}, samples_per_epoch (per rank), max_length, num_workers, seed
     parallel:  ep_size, zero_stage, precision
@@ -68,7 +69,8 @@ class DataSection:
     num_workers: int = 0
     seed: int = 0
     shuffle_buffer: int = 256
-    # {out, num, seed, eval_num}: `omni train` makes the synthetic dataset (shards by task) there if it is missing
+    # {out, num, seed, eval_num, max_samples_per_shard}: `omni train` makes the synthetic dataset (shards by task)
+    # there if it is missing; every source needs a shard per rank x dataloader worker
     synth: dict | None = None
     # the folder relative `sources` paths are read from (one override moves a whole dataset)
     root: str | None = None
@@ -213,9 +215,10 @@ def _check_values(recipe: Recipe, fail) -> None:
             fail(f"data.sources.{name} must be a shard folder path or a list of them, got {path!r}")
     synth = recipe.data.synth
     if synth is not None:
-        unknown = sorted(set(synth) - {"out", "num", "seed", "eval_num"})
+        unknown = sorted(set(synth) - {"out", "num", "seed", "eval_num", "max_samples_per_shard"})
         if unknown or "out" not in synth:
-            fail(f"data.synth: expected {{out, num, seed, eval_num}} with out required, got {synth}")
+            fail(f"data.synth: expected {{out, num, seed, eval_num, max_samples_per_shard}} with out required, "
+                 f"got {synth}")
     batching_keys = {"strategy", "batch_size", "max_tokens", "lookahead", "packing", "max_length", "max_batch_size"}
     unknown = sorted(set(recipe.data.batching) - batching_keys)
     if unknown:

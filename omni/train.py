@@ -97,7 +97,7 @@ def relaunch_with_torchrun(recipe_path: str, overrides: list[str], nproc: int) -
 
 # ----------------------------------------------------------------------------- building blocks
 def prepare_synth_data(recipe: Recipe) -> None:
-    """`data.synth: {out, num, seed, eval_num}`: make the synthetic dataset there (one shard set per task) unless a
+    """`data.synth: {out, num, seed, eval_num, max_samples_per_shard}`: make the synthetic dataset there (one shard set per task) unless a
     previous run finished it with the same command and generator version (its READY.json). Runs once, before the
     ranks start."""
     from data.synth import SYNTH_VERSION
@@ -111,6 +111,8 @@ def prepare_synth_data(recipe: Recipe) -> None:
             str(spec.get("seed", 0)), "--shards-by-task", "--overwrite"]
     if spec.get("eval_num") is not None:
         argv += ["--eval-num", str(spec["eval_num"])]
+    if spec.get("max_samples_per_shard") is not None:
+        argv += ["--max-samples-per-shard", str(spec["max_samples_per_shard"])]
     ready = {"command": "omni " + " ".join(argv), "synth_version": SYNTH_VERSION}
     ready_file = Path(spec["out"]) / READY_FILE
     if ready_file.is_file():

@@ -77,10 +77,12 @@ def test_omni_train_remakes_a_synthetic_dataset_made_by_another_generator_versio
 
     out = tmp_path / "synth"
     recipe = load_recipe("recipes/tiny_omni.yaml", [f"data.synth.out={out}", "data.synth.num=22",
-                                                    "data.synth.eval_num=11"])
+                                                    "data.synth.eval_num=11", "data.synth.max_samples_per_shard=1"])
     prepare_synth_data(recipe)
     ready = json.loads((out / READY_FILE).read_text())
     assert ready["synth_version"] == SYNTH_VERSION and "--num 22" in ready["command"]
+    # 2 samples per task, one per shard: every task folder can feed 2 ranks
+    assert len(json.loads((out / "shards" / "train" / "video_shape" / "index.json").read_text())["shards"]) == 2
     manifest = out / "train.jsonl"
     made = manifest.stat().st_mtime_ns
     prepare_synth_data(recipe)  # finished with the same command and version: kept
