@@ -71,8 +71,9 @@ class OmniMoeConfig(PretrainedConfig):
 
     Omni 3D RoPE: `mrope_section` (rotary frequency pairs given to the time, height and width
     components; sums to head_dim // 2), `mrope_interleaved` (True: pairs dealt t, h, w, t, ... so every axis gets
-    fast and slow frequencies; False: contiguous sections, Qwen2-VL's layout; see rope.py), `rope_positions_per_second` (time ids per second of
-    video/audio, so audio and video from the same second share time ids).
+    fast and slow frequencies; False: contiguous sections, Qwen2-VL's layout; see rope.py),
+    `rope_positions_per_second` (time ids per second of video/audio, so audio and video from the same second share
+    time ids).
     """
 
     model_type = "omni_moe"

@@ -122,7 +122,8 @@ class OmniMoeModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(OmniDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = OmniRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved)
+        self.rotary_emb = OmniRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section,
+                                              config.mrope_interleaved)
         self.gradient_checkpointing = False
 
     def forward(

@@ -97,9 +97,9 @@ def relaunch_with_torchrun(recipe_path: str, overrides: list[str], nproc: int) -
 
 # ----------------------------------------------------------------------------- building blocks
 def prepare_synth_data(recipe: Recipe) -> None:
-    """`data.synth: {out, num, seed, eval_num, max_samples_per_shard}`: make the synthetic dataset there (one shard set per task) unless a
-    previous run finished it with the same command and generator version (its READY.json). Runs once, before the
-    ranks start."""
+    """`data.synth: {out, num, seed, eval_num, max_samples_per_shard}`: make the synthetic dataset there (one shard set
+    per task) unless a previous run finished it with the same command and generator version (its READY.json). Runs
+    once, before the ranks start."""
     from data.synth import SYNTH_VERSION
 
     spec = recipe.data.synth

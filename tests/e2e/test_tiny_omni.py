@@ -40,7 +40,8 @@ def ci_overrides(root: Path) -> list[str]:
     small eval."""
     synth = root / "synth"
     overrides = [f"run.output_dir={root / 'run'}", f"data.synth.out={synth}", "data.synth.num=22",
-                 "data.synth.eval_num=22", "data.synth.max_samples_per_shard=1",  # a shard per rank in every task f"data.root={synth / 'shards' / 'train'}",
+                 "data.synth.eval_num=22", "data.synth.max_samples_per_shard=1",  # a shard per rank in every task
+                 f"data.root={synth / 'shards' / 'train'}",
                  f"model.tokenizer.bpe_from={synth / 'train.jsonl'}", f"eval.data={synth}", "eval.limit=22",
                  "eval.final_limit=22", "eval.examples=2", "data.batching.batch_size=2", "data.samples_per_epoch=16",
                  "train.save_every=10", "train.log_every=1", f"stages.0.steps={DENSE_STEPS}",
