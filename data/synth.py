@@ -323,7 +323,7 @@ def plan_sample(seed: int, split: str, index: int, tasks: Sequence[str], image_s
     render: dict = {}
     if spec.modality == "image":
         attrs, render = _plan_image(rng, _stratum(base, task_index, k, _IMAGE_COMBOS), image_size)
-        answer = {"image_caption": f"a {attrs['colour']} {attrs['shape']} at the {attrs['position']}",
+        answer = {"image_caption": describe_media("image", attrs),
                   "image_colour": attrs["colour"], "image_shape": attrs["shape"],
                   "image_position": attrs["position"]}[name]
     elif spec.modality == "video":
