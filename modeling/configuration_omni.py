@@ -56,8 +56,13 @@ class OmniMoeConfig(PretrainedConfig):
     columns without weights); `num_experts_per_tok` (top-k) and optional `moe_top_p`
     (dynamic top-p: the fewest experts whose probability mass reaches p, at most top-k);
     `moe_intermediate_size`; `router_aux_loss_coef` (Switch load balancing within each
-    modality's pool); `router_z_loss_coef`; `aux_free_bias` / `aux_free_bias_rate`
-    (DeepSeek-V3 style selection bias); `use_inter_pool` (False restricts each modality to its
+    modality's pool); `router_balance` ("modality": balance over all of a modality's allowed
+    experts, intra + inter as one pool; "pool": within its intra pool and within the inter pool
+    separately, leaving the intra/inter split to the task loss); `router_per_modality` (one router
+    per modality instead of one shared by all); `router_modality_bias` (a learned logit offset per
+    modality and router column, zero at init); `router_z_loss_coef`;
+    `aux_free_bias` / `aux_free_bias_rate` (DeepSeek-V3 style selection bias, updated by the
+    training loop after every step); `use_inter_pool` (False restricts each modality to its
     intra pool + null experts).
 
     Encoders: `vision_config` (CLIP/SigLIP vision config or dict), `vision_feature_layer`,
@@ -113,6 +118,9 @@ class OmniMoeConfig(PretrainedConfig):
         norm_topk_prob: bool = True,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
+        router_balance: str = "modality",
+        router_per_modality: bool = False,
+        router_modality_bias: bool = False,
         aux_free_bias: bool = False,
         aux_free_bias_rate: float = 1e-3,
         use_inter_pool: bool = True,
@@ -178,6 +186,9 @@ class OmniMoeConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
+        self.router_balance = router_balance
+        self.router_per_modality = bool(router_per_modality)
+        self.router_modality_bias = bool(router_modality_bias)
         self.aux_free_bias = aux_free_bias
         self.aux_free_bias_rate = aux_free_bias_rate
         self.use_inter_pool = use_inter_pool
@@ -311,6 +322,8 @@ class OmniMoeConfig(PretrainedConfig):
             fail("num_shared_experts must be 0 or 1 (size it with shared_expert_intermediate_size)")
         if self.num_experts_per_tok < 1:
             fail("num_experts_per_tok must be >= 1")
+        if self.router_balance not in ("modality", "pool"):
+            fail(f"router_balance must be 'modality' or 'pool', got {self.router_balance!r}")
         if self.moe_top_p is not None and not 0.0 < self.moe_top_p <= 1.0:
             fail(f"moe_top_p must be in (0, 1], got {self.moe_top_p}")
         has_moe = any(self.is_moe_layer(i) for i in range(self.num_hidden_layers))

@@ -74,6 +74,8 @@ class OmniMoePreTrainedModel(PreTrainedModel):
         elif isinstance(module, ModalityRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
+            if module.modality_bias is not None:
+                init.zeros_(module.modality_bias)
             init.copy_(module.allowed, torch.tensor(module.allowed_rows, dtype=torch.bool))
         elif isinstance(module, OmniRotaryEmbedding):
             fresh = OmniRotaryEmbedding(self.config.head_dim, self.config.rope_theta, self.config.mrope_section,

@@ -215,9 +215,10 @@ class LocalDispatcher:
 class MoeRouterOutput:
     """Losses and statistics of one MoE layer's routing (statistics detached; padding excluded everywhere).
 
-    aux_loss: Switch load balancing computed within each modality's pool over its allowed routed columns, averaged
-        over the modalities whose real tokens have routed slots. Uniform routing gives 1; collapse onto one expert
-        approaches the pool size.
+    aux_loss: Switch load balancing within each modality's pool, averaged over the modalities whose real tokens have
+        routed slots. `router_balance="modality"`: over all its allowed routed columns (intra + inter as one pool);
+        "pool": within its intra pool and within the inter pool separately (averaged), so the split between the
+        pools is left to the task loss. Uniform routing gives 1; collapse onto one expert approaches the pool size.
     z_loss: mean over real tokens of logsumexp(masked router logits)^2.
     tokens_per_expert [M, C]: kept slots per modality and router column (null columns included).
     prob_mass [M, C]: summed masked-softmax probability per modality and column.
@@ -247,6 +248,13 @@ class RoutingDecision:
 class ModalityRouter(nn.Module):
     """The router (`gate`): owns `weight [C, D]`, the `allowed [M, C]` mask and the aux-free selection bias.
 
+    With one weight matrix, every modality's logits for the shared inter pool come from the same rows, so the
+    majority modality's preference (text: most tokens) moves every modality's intra/inter split (measured:
+    docs/performance.md, "Routing"). Two options decouple the modalities: `router_per_modality` gives each
+    modality its own router, `weight [M * C, D]` (row m * C + c: modality m's logit for column c; MoIIE's design),
+    and `router_modality_bias` adds a learned logit offset per (modality, column), `modality_bias [M, C]`, zero
+    at init, so a modality's prior over its pools is learned from its own tokens.
+
     `allowed` is non-persistent (derived from the config); after meta-device construction the model's
     `_init_weights` must restore it from `allowed_rows` and zero `e_score_correction_bias` if it was not loaded.
     """
@@ -254,10 +262,16 @@ class ModalityRouter(nn.Module):
     def __init__(self, config: OmniMoeConfig):
         super().__init__()
         self.num_columns = config.num_router_columns
-        self.weight = nn.Parameter(torch.empty(self.num_columns, config.hidden_size))
+        self.num_modalities = config.num_modalities
+        self.per_modality = config.router_per_modality
+        rows = self.num_columns * (self.num_modalities if self.per_modality else 1)
+        self.weight = nn.Parameter(torch.empty(rows, config.hidden_size))
         self.allowed_rows = tuple(tuple(row) for row in config.allowed_experts())
         self.register_buffer("allowed", torch.tensor(self.allowed_rows, dtype=torch.bool), persistent=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_columns, dtype=torch.float32))
+        self.modality_bias = (
+            nn.Parameter(torch.zeros(config.num_modalities, self.num_columns)) if config.router_modality_bias else None
+        )
         # a single pool (every modality may use every column) needs no masking work in the hot path
         self.masks_columns = not all(all(row) for row in self.allowed_rows)
 
@@ -275,6 +289,11 @@ class ModalityRouter(nn.Module):
         # fp32 at least (float64 stays float64, so gradcheck and fp64 references see no rounding)
         dtype = torch.promote_types(x.dtype, torch.float32)
         logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        if self.per_modality:  # every token's logits under each modality's router, then its own modality's
+            logits = logits.view(-1, self.num_modalities, self.num_columns)
+            logits = logits.gather(1, modality_ids.view(-1, 1, 1).expand(-1, 1, self.num_columns)).squeeze(1)
+        if self.modality_bias is not None:
+            logits = logits + self.modality_bias.to(dtype)[modality_ids]
         if not self.masks_columns:
             return logits, None
         allowed = self.allowed[modality_ids]
@@ -301,6 +320,12 @@ class OmniSparseMoeBlock(nn.Module):
         # and the inter pool (their loads differ by design, so one global mean would push rare pools forever).
         pools = config.expert_pools()
         self.balance_groups = [(r.start, r.stop) for name, r in pools.items() if name != "null" and len(r)]
+        self.router_balance = config.router_balance
+        # [G, E] one-hot pool membership of the weighted experts, for the per-pool Switch loss
+        pool_of_expert = torch.zeros(len(self.balance_groups), self.num_experts, dtype=torch.bool)
+        for g, (start, stop) in enumerate(self.balance_groups):
+            pool_of_expert[g, start:stop] = True
+        self.register_buffer("pool_of_expert", pool_of_expert, persistent=False)
 
         self.gate = ModalityRouter(config)
         self.experts = GroupedExperts(
@@ -317,6 +342,8 @@ class OmniSparseMoeBlock(nn.Module):
         std = config.initializer_range
         for param in self.parameters():
             nn.init.normal_(param, mean=0.0, std=std)
+        if self.gate.modality_bias is not None:
+            nn.init.zeros_(self.gate.modality_bias)  # no prior at init: the upcycled model's routing is unchanged
 
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor, modality_ids: torch.Tensor) -> RoutingDecision:
@@ -376,14 +403,21 @@ class OmniSparseMoeBlock(nn.Module):
         # Switch loss per modality over its allowed weighted columns: pool_size * sum_e f_e * P_e with f (slot
         # share) and P (probability share) both normalised within the pool, so null traffic neither helps nor hurts.
         routed_allowed = self.gate.allowed[:, :E].to(probs.dtype)
-        f = counts[:, :E] * routed_allowed
-        f = f / f.sum(dim=1, keepdim=True).clamp_min(1)
-        p = prob_mass[:, :E] * routed_allowed
-        p = p / p.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        per_modality = routed_allowed.sum(dim=1) * (f * p).sum(dim=1)
-        # average over modalities with routed slots here (a modality sent only to null experts has no load)
-        present = counts[:, :E].sum(dim=1) > 0
-        aux_loss = (per_modality * present).sum() / present.sum().clamp_min(1)
+        if self.router_balance == "pool":
+            # one "pool" per (modality, allowed pool) pair: [M, G, E]; a pair without routed slots is left out
+            groups = routed_allowed[:, None, :] * self.pool_of_expert.to(probs.dtype)[None]
+        else:
+            groups = routed_allowed[:, None, :]
+        f = counts[:, None, :E] * groups
+        f_total = f.sum(dim=2, keepdim=True)
+        f = f / f_total.clamp_min(1)
+        p = prob_mass[:, None, :E] * groups
+        p = p / p.sum(dim=2, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        per_group = groups.sum(dim=2) * (f * p).sum(dim=2)
+        # average over (modality, pool) pairs with routed slots here (a modality sent only to null experts has no
+        # load), so each modality counts once in "modality" mode and each of its used pools once in "pool" mode
+        present = f_total.squeeze(2) > 0
+        aux_loss = (per_group * present).sum() / present.sum().clamp_min(1)
 
         null_fraction = counts[:, E:].sum() / counts.sum().clamp_min(1)
         return MoeRouterOutput(

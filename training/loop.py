@@ -36,7 +36,7 @@ from .engine import (
     prepare_expert_parallel,
 )
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
-from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups
+from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def build_engine(model: torch.nn.Module, stage: StageSpec, run: RunSettings, mic
     trains_inside_experts = any(p.requires_grad for p in expert_parameters(model))
     if not trains_inside_experts and (run.zero_stage in (1, 2) or run.precision == "bf16"):
         _keep_frozen_experts_in_a_moe_group(model, plan)
-    groups = trainable_param_groups(model, plan, opt.lr, opt.weight_decay)
+    groups = trainable_param_groups(model, plan, opt.lr, opt.weight_decay, opt.router_lr_scale)
     setup = initialize_engine(model, ds_config, run.ep_size, activation_checkpointing=run.activation_checkpointing,
                               timeout_s=run.timeout_s, param_groups=groups)
     return setup, model, plan
@@ -165,6 +165,7 @@ def train_stage(
     alarmed: set[str] = set()  # pools already warned about this stage
     steps_this_call = 0
     window_tokens, window_start = 0, time.perf_counter()
+    step_loads = None  # [layers, modalities, columns] slots of this step's micro-batches (aux-free bias)
     model.train()
     while state.step < stage.steps:
         if run.stop_after_steps is not None and steps_this_call >= run.stop_after_steps:
@@ -195,7 +196,13 @@ def train_stage(
             state.samples_seen += batch.num_samples
             state.tokens_seen += tokens
             health.update(out.router_outputs or [])
+            if config.aux_free_bias and out.router_outputs:
+                loads = torch.stack([r.tokens_per_expert for r in out.router_outputs]).detach()
+                step_loads = loads if step_loads is None else step_loads + loads
         state.step += 1
+        if step_loads is not None:
+            _update_aux_free_biases(model, step_loads)
+            step_loads = None
         steps_this_call += 1
         loss = _mean_over_ranks(torch.stack(step_losses).mean())
         losses.append(loss)
@@ -280,6 +287,17 @@ def _endless(loader: Iterable):
         if empty_epochs >= 2:
             raise RuntimeError("the data loader produced no batch in two epochs in a row (no data for this rank, "
                                "or every sample dropped: see the data/ drop counters)")
+
+
+def _update_aux_free_biases(model: torch.nn.Module, loads: torch.Tensor) -> None:
+    """DeepSeek-V3's aux-loss-free balancing after an optimizer step: each MoE layer's selection bias moves toward
+    its underloaded experts. Loads are summed over every rank first, so the (replicated, non-trained) bias buffers
+    stay identical on all ranks."""
+    loads = loads.double()
+    if dist.is_initialized():
+        dist.all_reduce(loads)
+    for block, layer_loads in zip(unwrap_model(model).moe_blocks, loads, strict=True):
+        block.update_aux_free_bias(layer_loads)
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:

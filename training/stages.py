@@ -72,6 +72,7 @@ OPTIMIZER_CHECKS = {
     "min_lr_ratio": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "schedule": (lambda v: v in ("cosine", "linear", "constant"), "'cosine', 'linear' or 'constant'"),
     "grad_clip": (lambda v: v is None or (_number(v) and v > 0), "a positive number or null"),
+    "router_lr_scale": (lambda v: _number(v) and v > 0, "a positive number"),
 }
 LORA_CHECKS = {
     "r": (lambda v: _integer(v) and v >= 1, "a positive integer"),
@@ -86,6 +87,7 @@ MOE_OVERRIDES = {
     "moe_top_p": (lambda v: v is None or (_number(v) and 0 < v <= 1), "a number in (0, 1] or null"),
     "use_inter_pool": (lambda v: isinstance(v, bool), "a boolean"),
     "aux_free_bias": (lambda v: isinstance(v, bool), "a boolean"),
+    "router_balance": (lambda v: v in ("modality", "pool"), "'modality' or 'pool'"),
 }
 
 
@@ -121,6 +123,9 @@ class OptimizerSpec:
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
     grad_clip: float | None = 1.0
+    # routers' lr = lr x this (same schedule). Adam moves every weight by ~lr per step whatever its gradient's size,
+    # so a router at the experts' lr barely leaves its initial near-uniform split within a short stage.
+    router_lr_scale: float = 1.0
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], fail) -> "OptimizerSpec":
@@ -423,6 +428,7 @@ def apply_moe_overrides(model: nn.Module, overrides: Mapping[str, Any]) -> dict[
         block.top_p = config.moe_top_p
         block.aux_free_bias = config.aux_free_bias
         block.aux_free_bias_rate = config.aux_free_bias_rate
+        block.router_balance = config.router_balance
         # allowed_rows too: _init_weights restores the buffer from it after meta-device construction
         block.gate.allowed_rows = tuple(tuple(row) for row in rows)
         block.gate.allowed.copy_(torch.tensor(rows, dtype=torch.bool, device=block.gate.allowed.device))
@@ -492,11 +498,11 @@ def apply_stage(model: nn.Module, stage: StageSpec) -> FreezePlan:
 
 
 def trainable_param_groups(
-    model: nn.Module, plan: FreezePlan, lr: float, weight_decay: float
+    model: nn.Module, plan: FreezePlan, lr: float, weight_decay: float, router_lr_scale: float = 1.0
 ) -> list[dict[str, Any]]:
     """Optimizer groups of the trainable parameters only (frozen ones get no optimizer state): "decay" (weights),
-    "no_decay" (norms, biases, routers) and "expert_rows_masked" (partially trained fused expert tensors, weight
-    decay 0 so frozen rows stay bitwise unchanged). Each group has a "name" (DeepSpeed's MoE group split needs it).
+    "no_decay" (norms, biases, routers), "expert_rows_masked" (partially trained fused expert tensors, weight
+    decay 0 so frozen rows stay bitwise unchanged) and, with `router_lr_scale != 1`, "routers" (lr x scale). Each group has a "name" (DeepSpeed's MoE group split needs it).
     Empty groups are left out."""
     live = {id(p): n for n, p in model.named_parameters()}
     stale = [m.name for m in plan.masked if id(m.param) not in live]
@@ -504,7 +510,7 @@ def trainable_param_groups(
         raise RuntimeError(f"trainable_param_groups: the row-masked expert tensors {stale[:3]} are no longer in the "
                            "model (experts re-sharded or wrapped after apply_stage?); call apply_stage again")
     masked_ids = {id(m.param) for m in plan.masked}
-    decay, no_decay, masked = [], [], []
+    decay, no_decay, masked, routers = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -513,6 +519,8 @@ def trainable_param_groups(
             raise RuntimeError(f"trainable_param_groups: {name} appeared after apply_stage ran; call apply_stage again")
         if id(param) in masked_ids:
             masked.append(param)
+        elif component == "routers" and router_lr_scale != 1.0:
+            routers.append(param)
         elif param.ndim < 2 or component in ("norms", "routers"):
             no_decay.append(param)
         else:
@@ -521,6 +529,7 @@ def trainable_param_groups(
         {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
         {"name": "expert_rows_masked", "params": masked, "lr": lr, "weight_decay": 0.0},
+        {"name": "routers", "params": routers, "lr": lr * router_lr_scale, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 

@@ -131,3 +131,31 @@ def test_zero2_with_different_media_per_rank_matches_zero1(data, tmp_path):
     assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want), (got, want)
     w1, w2 = weights(zero1, "towers"), weights(tmp_path, "towers")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
+
+
+@pytest.mark.timeout(400)
+def test_aux_free_bias_moves_every_step_and_resumes_exactly(data, tmp_path):
+    """`moe.aux_free_bias`: after each optimizer step every MoE layer's selection bias moves by +-rate (or 0) per
+    expert, from the loads of every rank's tokens (so the replicated buffers agree); the bias is in the
+    checkpoint, so a run stopped at step 3 and resumed ends with the straight run's losses and biases."""
+    rate, steps = 0.01, 6
+    stage = (f"stages=[{{name: biased, preset: modality_experts, steps: {steps}, "
+             f"moe: {{aux_free_bias: true, aux_free_bias_rate: {rate}}}, optimizer: {{lr: 1.0e-2, warmup_steps: 1}}}}]")
+    straight = tmp_path / "straight"
+    omni_train(data, straight, stage)
+    split = tmp_path / "split"
+    omni_train(data, split, stage, "train.stop_after_steps=3")
+    omni_train(data, split, stage)
+    assert losses(split, "biased") == losses(straight, "biased")
+
+    want, got = weights(straight, "biased"), weights(split, "biased")
+    biases = {k: v for k, v in want.items() if k.endswith("gate.e_score_correction_bias")}
+    assert len(biases) == 2, sorted(want)  # one per MoE layer of the loop recipe
+    for key, bias in biases.items():
+        assert torch.equal(got[key], bias), key
+        in_steps = bias.double() / rate
+        assert torch.allclose(in_steps, in_steps.round(), atol=1e-3), (key, bias)  # whole +-rate moves
+        assert in_steps.abs().max() <= steps and in_steps.abs().sum() > 0, (key, bias)
+        assert bias[-1] == 0.0, (key, bias)  # the null expert's column is never biased
+    config = json.loads((straight / "biased" / "model" / "config.json").read_text())
+    assert config["aux_free_bias"] is True

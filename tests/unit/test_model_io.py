@@ -146,3 +146,23 @@ def test_expert_layout():
     assert sum(allowed[0]) == 1 + 2 + 1  # own intra + inter + null
     no_inter = OmniMoeConfig(**{**config.to_dict(), "use_inter_pool": False})
     assert not any(no_inter.allowed_experts()[0][c] for c in pools["inter"])
+
+
+def test_decoupled_routers_round_trip_and_the_bias_starts_at_zero(tmp_path):
+    torch.manual_seed(0)
+    model = OmniMoeForCausalLM(tiny_config(router_per_modality=True, router_modality_bias=True,
+                                           router_balance="pool")).eval()
+    assert all(torch.equal(b.gate.modality_bias, torch.zeros_like(b.gate.modality_bias)) for b in model.moe_blocks)
+    with torch.no_grad():
+        for block in model.moe_blocks:
+            block.gate.modality_bias.normal_()
+    model.save_pretrained(tmp_path)
+    batch = mixed_batch(model.config, seed=4)
+    batch.pop("labels")
+    with torch.no_grad():
+        loaded = OmniMoeForCausalLM.from_pretrained(tmp_path).eval()
+        assert loaded.config.router_balance == "pool" and loaded.config.router_per_modality
+        assert loaded.moe_blocks[0].gate.weight.shape[0] == loaded.config.num_modalities * loaded.config.num_router_columns
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        for ours, theirs in zip(model.moe_blocks, loaded.moe_blocks):
+            assert torch.equal(ours.gate.modality_bias, theirs.gate.modality_bias)

@@ -336,6 +336,93 @@ def test_collapsed_router_has_larger_aux_loss_than_uniform():
     assert collapsed.item() > 1.5
 
 
+def test_pool_balance_leaves_the_intra_inter_split_to_the_task_loss():
+    # text 0-1 | image 2-3 | inter 4-5; top-1, image tokens only
+    config = dict(modalities=["text", "image"], num_intra_experts=2, num_inter_experts=2, num_null_experts=0,
+                  num_experts_per_tok=1)
+    modality_ids = torch.ones(1, 8, dtype=torch.long)
+    x = torch.zeros(1, 8, D)
+    x[0, :, 0] = 10.0
+    x[0, ::2, 1] = 10.0  # even tokens prefer the first of the two experts, odd ones the second
+    x[0, 1::2, 2] = 10.0
+
+    def aux(balance: str, columns: tuple[int, int]) -> float:
+        block = make_block(moe_config(**config, router_balance=balance))
+        with torch.no_grad():
+            block.gate.weight.zero_()
+            block.gate.weight[columns[0], 0] = 1.0
+            block.gate.weight[columns[1], 0] = 1.0
+            block.gate.weight[columns[0], 1] = 0.5
+            block.gate.weight[columns[1], 2] = 0.5
+        stats = block(x, modality_ids)[1]
+        assert stats.tokens_per_expert[1, list(columns)].tolist() == [4.0, 4.0]
+        return stats.aux_loss.item()
+
+    # every image token in the inter pool, evenly: unbalanced over the modality's 4 experts (Switch loss 2), but
+    # balanced within the only pool it uses (1): the per-pool loss does not push tokens back into the intra pool
+    assert aux("modality", (4, 5)) == pytest.approx(2.0, abs=1e-3)
+    assert aux("pool", (4, 5)) == pytest.approx(1.0, abs=1e-3)
+    # one expert of each pool: the per-pool loss still balances within each pool (both collapsed: 2)
+    assert aux("pool", (2, 4)) == pytest.approx(2.0, abs=1e-3)
+    with pytest.raises(ValueError, match="router_balance"):
+        moe_config(**config, router_balance="global")
+
+
+def test_per_modality_router_equals_the_shared_one_on_equal_weights_and_decouples_modalities():
+    shared = make_block(moe_config(**MULTIMODAL))
+    per = make_block(moe_config(**MULTIMODAL, router_per_modality=True))
+    C, M = shared.num_columns, shared.num_modalities
+    assert tuple(per.gate.weight.shape) == (M * C, D)
+    with torch.no_grad():
+        per.load_state_dict({**shared.state_dict(), "gate.weight": shared.gate.weight.repeat(M, 1)})
+    torch.manual_seed(9)
+    x = torch.randn(2, 9, D)
+    modality_ids = torch.randint(0, M, (2, 9))
+    out_shared, stats_shared = shared(x, modality_ids)
+    out_per, stats_per = per(x, modality_ids)
+    assert torch.equal(stats_per.tokens_per_expert, stats_shared.tokens_per_expert)
+    # not bitwise: one [N, D] x [D, M * C] GEMM instead of [N, D] x [D, C] may sum in another order
+    torch.testing.assert_close(out_per, out_shared, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats_per.aux_loss, stats_shared.aux_loss, rtol=1e-5, atol=1e-6)
+    # modality 1's router alone: its tokens route differently, every other token exactly as before
+    with torch.no_grad():
+        per.gate.weight[C:2 * C].normal_(0.0, 3.0)
+    out_changed, stats_changed = per(x, modality_ids)
+    image = modality_ids == 1
+    # (close, not bitwise: the grouped GEMMs see other group sizes)
+    torch.testing.assert_close(out_changed[~image], out_per[~image], rtol=1e-5, atol=1e-6)
+    assert (out_changed[image] - out_per[image]).abs().max() > 1e-2
+    assert torch.equal(stats_changed.tokens_per_expert[[0, 2]], stats_per.tokens_per_expert[[0, 2]])
+    per.gate.weight.grad = None
+    out_changed.sum().backward()
+    grad_rows = per.gate.weight.grad.abs().sum(1).view(M, C) > 0
+    present = torch.zeros(M, dtype=torch.bool).index_fill_(0, modality_ids.unique(), True)
+    assert (grad_rows.any(1) == present).all()  # a router learns only from its own modality's tokens
+    assert not (grad_rows & ~per.gate.allowed).any()  # nor through columns its modality may not use
+
+
+def test_modality_bias_moves_one_modality_within_its_allowed_columns():
+    config = moe_config(**MULTIMODAL, router_modality_bias=True)  # text 0 | image 1-2 | audio 3 | inter 4-5 | null 6-7
+    block = make_block(config)
+    assert tuple(block.gate.modality_bias.shape) == (3, 8)
+    assert torch.equal(OmniSparseMoeBlock(config).gate.modality_bias, torch.zeros(3, 8))  # no prior at init
+    torch.manual_seed(8)
+    x = torch.randn(1, 12, D)
+    modality_ids = torch.tensor([[0, 1, 2] * 4])
+    before = block(x, modality_ids)[1].tokens_per_expert
+    with torch.no_grad():
+        block.gate.modality_bias[1, 5] = 100.0  # image -> inter expert 5
+        block.gate.modality_bias[1, 3] = 1000.0  # audio's intra expert: not allowed for image, never picked
+    after = block(x, modality_ids)[1].tokens_per_expert
+    assert after[1, 5] == 4 and after[1, 3] == 0
+    assert torch.equal(after[[0, 2]], before[[0, 2]])  # text and audio route as before
+    assert (after[1] != before[1]).any()
+    block.gate.modality_bias.grad = None
+    block(x, modality_ids)[0].sum().backward()
+    assert block.gate.modality_bias.grad is not None
+    assert "gate.modality_bias" not in OmniSparseMoeBlock(moe_config(**MULTIMODAL)).state_dict()
+
+
 def test_z_loss_matches_hand_formula():
     block = make_block(moe_config(**MULTIMODAL))
     torch.manual_seed(6)

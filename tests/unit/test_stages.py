@@ -195,6 +195,36 @@ def test_param_groups_keep_norms_biases_routers_out_of_weight_decay():
     assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
 
 
+def test_router_lr_scale_gives_the_routers_their_own_group():
+    model = OmniMoeForCausalLM(tiny_config(media=True, router_modality_bias=True))
+    plan = apply_stage(model, stage(train=["attention", "routers"]))
+    assert plan.trainable["routers"] == sum(b.gate.weight.numel() + b.gate.modality_bias.numel()
+                                            for b in model.moe_blocks)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: g for g in trainable_param_groups(model, plan, 1e-3, 0.1, router_lr_scale=10.0)}
+    routers = {names[id(p)] for p in groups["routers"]["params"]}
+    assert routers == {n for n in names.values() if n.endswith(("mlp.gate.weight", "mlp.gate.modality_bias"))}
+    assert groups["routers"]["lr"] == pytest.approx(1e-2) and groups["routers"]["weight_decay"] == 0.0
+    assert not routers & {names[id(p)] for g in groups.values() if g["name"] != "routers" for p in g["params"]}
+    assert "routers" not in {g["name"] for g in trainable_param_groups(model, plan, 1e-3, 0.1)}  # scale 1: no group
+    # Adam moves every weight by ~lr a step: the routers move ~10x as far as at the default scale
+    batch = media_batch(model.config, audio=False)
+    moved = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        trial = OmniMoeForCausalLM(tiny_config(media=True, router_modality_bias=True))
+        trial_plan = apply_stage(trial, stage(train=["attention", "routers"]))
+        before = trial.moe_blocks[0].gate.weight.detach().clone()
+        optimizer = torch.optim.AdamW(trainable_param_groups(trial, trial_plan, 1e-3, 0.1, router_lr_scale=scale))
+        optimizer.zero_grad()
+        trial(**batch).loss.backward()
+        optimizer.step()
+        moved[scale] = (trial.moe_blocks[0].gate.weight - before).abs().max().item()
+    assert moved[10.0] == pytest.approx(10 * moved[1.0], rel=1e-3)
+    with pytest.raises(StageConfigError, match="router_lr_scale"):
+        stage(train=["routers"], optimizer={"router_lr_scale": 0})
+
+
 # ----------------------------------------------------------------------------- MoE overrides
 def inter_slots(model, batch):
     with torch.no_grad():
@@ -208,8 +238,10 @@ def test_moe_overrides_reach_the_live_model():
     batch = media_batch(model.config, audio=False)
     assert inter_slots(model, batch) > 0  # the default routes some tokens to the inter pool
     plan = apply_stage(model, stage(train=["routers"], moe={"use_inter_pool": False, "num_experts_per_tok": 1,
-                                                              "router_aux_loss_coef": 0.5}))
+                                                              "router_aux_loss_coef": 0.5, "router_balance": "pool"}))
     assert plan.moe_changes["use_inter_pool"] == (True, False)
+    assert plan.moe_changes["router_balance"] == ("modality", "pool")
+    assert all(b.router_balance == "pool" for b in model.moe_blocks)
     assert inter_slots(model, batch) == 0
     assert all(b.top_k == 1 and not b.gate.allowed[:, model.config.expert_pools()["inter"].start].any()
                for b in model.moe_blocks)
