@@ -291,7 +291,8 @@ class ModalityRouter(nn.Module):
         logits = F.linear(x.to(dtype), self.weight.to(dtype))
         if self.per_modality:  # every token's logits under each modality's router, then its own modality's
             logits = logits.view(-1, self.num_modalities, self.num_columns)
-            logits = logits.gather(1, modality_ids.view(-1, 1, 1).expand(-1, 1, self.num_columns)).squeeze(1)
+            index = modality_ids.long().view(-1, 1, 1).expand(-1, 1, self.num_columns)
+            logits = logits.gather(1, index).squeeze(1)
         if self.modality_bias is not None:
             logits = logits + self.modality_bias.to(dtype)[modality_ids]
         if not self.masks_columns:

@@ -502,8 +502,8 @@ def trainable_param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer groups of the trainable parameters only (frozen ones get no optimizer state): "decay" (weights),
     "no_decay" (norms, biases, routers), "expert_rows_masked" (partially trained fused expert tensors, weight
-    decay 0 so frozen rows stay bitwise unchanged) and, with `router_lr_scale != 1`, "routers" (lr x scale). Each group has a "name" (DeepSpeed's MoE group split needs it).
-    Empty groups are left out."""
+    decay 0 so frozen rows stay bitwise unchanged) and, with `router_lr_scale != 1`, "routers" (lr x scale). Each
+    group has a "name" (DeepSpeed's MoE group split needs it). Empty groups are left out."""
     live = {id(p): n for n, p in model.named_parameters()}
     stale = [m.name for m in plan.masked if id(m.param) not in live]
     if stale:
