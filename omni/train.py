@@ -155,9 +155,15 @@ def load_tokenizer(recipe: Recipe, source: str | Path | None):
 
     from training.distributed import get_rank
 
+    from modeling.tokenizer_utils import ensure_special_tokens
+
     spec = recipe.model.tokenizer
     if source is not None or isinstance(spec, str):
-        return AutoTokenizer.from_pretrained(str(source if source is not None else spec))
+        tokenizer = AutoTokenizer.from_pretrained(str(source if source is not None else spec))
+        # a pretrained LLM's tokenizer (e.g. Qwen2.5's) lacks our media placeholders: add them (appended, so every
+        # rank gets the same ids; a model folder of an earlier stage has them already and nothing changes)
+        ensure_special_tokens(tokenizer)
+        return tokenizer
     folder = Path(recipe.run.output_dir) / "tokenizer"
     if get_rank() == 0 and not (folder / "tokenizer_config.json").is_file():
         from data.tokenizer import build_bpe_tokenizer
@@ -178,6 +184,15 @@ def placeholder_ids(tokenizer) -> dict[str, int]:
 
     return {key: tokenizer.convert_tokens_to_ids(token) for key, token in
             (("image_token_id", IMAGE_TOKEN), ("video_token_id", VIDEO_TOKEN), ("audio_token_id", AUDIO_TOKEN))}
+
+
+def check_vocab_fits(tokenizer, vocab_size: int, where: str) -> None:
+    """Every token id must have an embedding row: Qwen2.5's embeddings are padded (151,936 rows for 151,665 tokens),
+    so the placeholders `ensure_special_tokens` appends fit; a checkpoint without spare rows needs resizing first."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens (with the media placeholders) but {where} has "
+                         f"{vocab_size} embedding rows; resize its embeddings first (transformers' "
+                         "resize_token_embeddings, then save_pretrained) or use a tokenizer that fits")
 
 
 def model_config(recipe: Recipe, tokenizer=None):
@@ -217,7 +232,9 @@ def build_model(recipe: Recipe, tokenizer, source: str | Path | None, dense_sour
             options["dense_path"] = str(dense_source)
         for key, value in placeholder_ids(tokenizer).items():
             options.setdefault(key, value)
-        return upcycle(**options)
+        model = upcycle(**options)
+        check_vocab_fits(tokenizer, model.config.vocab_size, options["dense_path"])
+        return model
     return OmniMoeForCausalLM(model_config(recipe, tokenizer))
 
 

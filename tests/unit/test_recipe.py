@@ -90,3 +90,33 @@ def test_dry_run_prints_config_data_plan_and_parameter_layout(capsys):
     total, active = (int(x.split()[-1].replace(",", "")) for x in line.removeprefix("parameters:").split(", active"))
     assert 0 < active < total
     assert "10 routed" in out and "EP=2: 5 experts per rank" in out
+
+
+def test_a_pretrained_llms_tokenizer_gets_the_media_placeholders(tmp_path):
+    """The real-scale recipe names a Qwen2.5 folder as its tokenizer: it has ChatML's tokens but not our media
+    placeholders. `omni train` adds them (appended, existing ids unchanged) and refuses a checkpoint whose
+    embeddings have no row for them."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from omni.train import check_vocab_fits, load_tokenizer, placeholder_ids
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    qwen_like = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        extra_special_tokens=["<|im_start|>"])
+    folder = tmp_path / "qwen_like"
+    qwen_like.save_pretrained(folder)
+    before = {t: qwen_like.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    recipe = SimpleNamespace(model=SimpleNamespace(tokenizer=str(folder)), run=SimpleNamespace(output_dir=tmp_path))
+    tokenizer = load_tokenizer(recipe, None)
+    ids = placeholder_ids(tokenizer)
+    assert all(isinstance(i, int) for i in ids.values()) and len(set(ids.values())) == 3, ids
+    assert min(ids.values()) >= len(qwen_like) and len(tokenizer) == len(qwen_like) + 3
+    assert {t: tokenizer.convert_tokens_to_ids(t) for t in before} == before
+    assert placeholder_ids(load_tokenizer(recipe, None)) == ids  # every rank, every stage: the same ids
+    check_vocab_fits(tokenizer, len(tokenizer), "the checkpoint")  # Qwen2.5: padded embeddings, room to spare
+    with pytest.raises(ValueError, match="resize"):
+        check_vocab_fits(tokenizer, len(qwen_like), "the checkpoint")
