@@ -187,7 +187,7 @@ def placeholder_ids(tokenizer) -> dict[str, int]:
 
 
 def check_vocab_fits(tokenizer, vocab_size: int, where: str) -> None:
-    """Every token id must have an embedding row: Qwen2.5's embeddings are padded (151,936 rows for 151,665 tokens),
+    """Every token id must have an embedding row: Qwen2.5's embeddings are padded (151,936+ rows for 151,665 tokens),
     so the placeholders `ensure_special_tokens` appends fit; a checkpoint without spare rows needs resizing first."""
     if len(tokenizer) > vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens (with the media placeholders) but {where} has "
