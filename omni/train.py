@@ -153,9 +153,8 @@ def load_tokenizer(recipe: Recipe, source: str | Path | None):
     # a remote-code prompt) although only the tokenizer files are needed
     from transformers import PreTrainedTokenizerFast as AutoTokenizer
 
-    from training.distributed import get_rank
-
     from modeling.tokenizer_utils import ensure_special_tokens
+    from training.distributed import get_rank
 
     spec = recipe.model.tokenizer
     if source is not None or isinstance(spec, str):
@@ -232,9 +231,12 @@ def build_model(recipe: Recipe, tokenizer, source: str | Path | None, dense_sour
             options["dense_path"] = str(dense_source)
         for key, value in placeholder_ids(tokenizer).items():
             options.setdefault(key, value)
-        model = upcycle(**options)
-        check_vocab_fits(tokenizer, model.config.vocab_size, options["dense_path"])
-        return model
+        if "dense_path" in options:  # before building the model: at real scale that takes minutes
+            from transformers import AutoConfig
+
+            dense_vocab = AutoConfig.from_pretrained(options["dense_path"]).vocab_size
+            check_vocab_fits(tokenizer, dense_vocab, options["dense_path"])
+        return upcycle(**options)
     return OmniMoeForCausalLM(model_config(recipe, tokenizer))
 
 
