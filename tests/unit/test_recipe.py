@@ -120,3 +120,22 @@ def test_a_pretrained_llms_tokenizer_gets_the_media_placeholders(tmp_path):
     check_vocab_fits(tokenizer, len(tokenizer), "the checkpoint")  # Qwen2.5: padded embeddings, room to spare
     with pytest.raises(ValueError, match="resize"):
         check_vocab_fits(tokenizer, len(qwen_like), "the checkpoint")
+
+
+def test_upcycling_refuses_a_tokenizer_longer_than_the_checkpoints_embeddings(tmp_path):
+    """Checked from the dense config.json before the (at real scale, minutes-long) model build."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2Config
+
+    from omni.train import build_model
+
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    Qwen2Config(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(dense)  # no weights: the check must come first
+    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 12, "convert_tokens_to_ids": lambda self, t: 5})()
+    recipe = SimpleNamespace(model=SimpleNamespace(from_=None, upcycle={"dense_path": str(dense)}),
+                             run=SimpleNamespace(seed=0))
+    with pytest.raises(ValueError, match=r"12 tokens .* 8 embedding rows; resize"):
+        build_model(recipe, tokenizer, None)
