@@ -345,6 +345,21 @@ class OmniMoeConfig(PretrainedConfig):
         for name in ("image_pooling", "video_temporal_pooling", "audio_pooling"):
             if int(getattr(self, name)) < 1:
                 fail(f"{name} must be >= 1")
+        self._validate_token_ids(fail)
+
+    def _validate_token_ids(self, fail) -> None:
+        """Every special id needs an embedding row. The case this catches: a pretrained LLM's tokenizer with our
+        media placeholders appended past its embedding matrix (Qwen2.5's is padded and has room; Llama 3's is not)
+        -- caught here, when the config is made, before any weights are built or read."""
+        eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        named = [(n, getattr(self, n)) for n in ("image_token_id", "video_token_id", "audio_token_id",
+                                                 "pad_token_id", "bos_token_id")]
+        named += [("eos_token_id", i) for i in eos]
+        outside = [f"{name}={i}" for name, i in named if i is not None and not 0 <= int(i) < self.vocab_size]
+        if outside:
+            fail(f"{', '.join(outside)} outside the vocabulary (vocab_size {self.vocab_size}): every token id needs "
+                 "an embedding row; resize the LLM's embeddings first (transformers' resize_token_embeddings, then "
+                 "save_pretrained) or use a tokenizer that fits")
 
 
 def default_mrope_section(head_dim: int) -> list[int]:

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from modeling.configuration_omni import OmniMoeConfig
 from modeling.media import audio_chunk_count, audio_token_count, image_token_count, video_token_count
 from modeling.modeling_omni import OmniMoeForCausalLM
-from tests.tiny import AUDIO_ID, IMAGE_ID, VIDEO_ID, right_padded, tiny_config
+from tests.tiny import AUDIO_ID, IMAGE_ID, VIDEO_ID, VOCAB, right_padded, tiny_config
 
 
 def mixed_batch(config, seed=0):
@@ -130,6 +130,10 @@ def test_tied_embeddings():
         (dict(moe_top_p=1.5), "moe_top_p"),
         (dict(image_projector="perceiver"), "image_projector"),
         (dict(vision_config={"model_type": "bert"}), "vision_config.model_type"),
+        # a placeholder appended past the embedding matrix (a pretrained LLM without spare rows)
+        (dict(audio_token_id=VOCAB), rf"audio_token_id={VOCAB} outside the vocabulary \(vocab_size {VOCAB}\)"),
+        (dict(eos_token_id=[1, VOCAB + 5]), rf"^OmniMoeConfig: eos_token_id={VOCAB + 5} outside"),
+        (dict(pad_token_id=-1), "pad_token_id=-1 outside"),
     ],
 )
 def test_config_validation_errors(overrides, message):

@@ -101,7 +101,8 @@ def test_a_pretrained_llms_tokenizer_gets_the_media_placeholders(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from omni.train import check_vocab_fits, load_tokenizer, placeholder_ids
+    from modeling.configuration_omni import OmniMoeConfig
+    from omni.train import load_tokenizer, placeholder_ids
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -117,13 +118,15 @@ def test_a_pretrained_llms_tokenizer_gets_the_media_placeholders(tmp_path):
     assert min(ids.values()) >= len(qwen_like) and len(tokenizer) == len(qwen_like) + 3
     assert {t: tokenizer.convert_tokens_to_ids(t) for t in before} == before
     assert placeholder_ids(load_tokenizer(recipe, None)) == ids  # every rank, every stage: the same ids
-    check_vocab_fits(tokenizer, len(tokenizer), "the checkpoint")  # Qwen2.5: padded embeddings, room to spare
-    with pytest.raises(ValueError, match="resize"):
-        check_vocab_fits(tokenizer, len(qwen_like), "the checkpoint")
+    OmniMoeConfig(vocab_size=len(tokenizer), **ids)  # Qwen2.5: padded embeddings, room to spare
+    with pytest.raises(ValueError, match=r"image_token_id=\d+, video_token_id=\d+, audio_token_id=\d+ outside the "
+                                         r"vocabulary \(vocab_size \d+\).*resize"):
+        OmniMoeConfig(vocab_size=len(qwen_like), **ids)  # embeddings without spare rows
 
 
 def test_upcycling_refuses_a_tokenizer_longer_than_the_checkpoints_embeddings(tmp_path):
-    """Checked from the dense config.json before the (at real scale, minutes-long) model build."""
+    """Checked when the config is made from the dense config.json, before the (at real scale, minutes-long) model
+    build: the folder has no weights, so reaching them would fail differently."""
     from types import SimpleNamespace
 
     from transformers import Qwen2Config
@@ -134,8 +137,9 @@ def test_upcycling_refuses_a_tokenizer_longer_than_the_checkpoints_embeddings(tm
     dense.mkdir()
     Qwen2Config(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1).save_pretrained(dense)  # no weights: the check must come first
-    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 12, "convert_tokens_to_ids": lambda self, t: 5})()
+    ids = {"<|image|>": 5, "<|video|>": 8, "<|audio|>": 9}  # appended past the checkpoint's 8 embedding rows
+    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 10, "convert_tokens_to_ids": lambda self, t: ids[t]})()
     recipe = SimpleNamespace(model=SimpleNamespace(from_=None, upcycle={"dense_path": str(dense)}),
                              run=SimpleNamespace(seed=0))
-    with pytest.raises(ValueError, match=r"12 tokens .* 8 embedding rows; resize"):
+    with pytest.raises(ValueError, match=r"video_token_id=8, audio_token_id=9 outside the vocabulary \(vocab_size 8\)"):
         build_model(recipe, tokenizer, None)
