@@ -74,22 +74,28 @@ def encoder_config(path: str, kind: str):
     return config
 
 
-def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint directory."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
-    tensors = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
+class SafetensorsFolder:
+    """A (possibly sharded) safetensors checkpoint folder, read one tensor at a time: upcycling never holds the whole
+    dense checkpoint in memory (a 7B LLM is 15 GB in bf16, per rank)."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                                    "checkpoints are read)")
+        self._handles = [safe_open(os.path.join(path, name), framework="pt") for name in files]
+        self._file_of = {key: h for h in self._handles for key in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file_of[key].get_tensor(key)
 
 
 def upcycle(
@@ -123,16 +129,18 @@ def upcycle(
     if expert_init == "copy" and config.moe_intermediate_size != config.intermediate_size:
         raise ValueError("copy init needs moe_intermediate_size == intermediate_size (use expert_init='slice')")
 
-    model = OmniMoeForCausalLM(config)
-    dense = read_safetensors_dir(dense_path)
-    generator = torch.Generator().manual_seed(seed)
-    state = build_upcycled_state(model, dense, expert_init, noise_std, generator)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Built directly in the training dtype and filled in place, a tensor at a time: the peak is the model plus one
+    # layer's dense FFN, not an fp32 model plus a second (upcycled) copy of its experts (measured:
+    # docs/performance.md, "Upcycling memory").
+    model = OmniMoeForCausalLM._from_config(config, dtype=dtype)
+    filled = load_upcycled_weights(model, SafetensorsFolder(dense_path), expert_init, noise_std,
+                                   torch.Generator().manual_seed(seed))
     # new by design: media tower, routers and shared-expert gates keep their fresh init
     new_params = ("media.", ".mlp.gate.", ".mlp.shared_expert_gate.")
-    llm_missing = [k for k in missing if not any(p in k or k.startswith(p) for p in new_params) and k != "lm_head.weight"]
-    if llm_missing or unexpected:
-        raise ValueError(f"upcycling {dense_path}: missing {llm_missing[:8]}, unexpected {unexpected[:8]}")
+    llm_missing = [k for k in model.state_dict() if k not in filled and k != "lm_head.weight"
+                   and not any(p in k or k.startswith(p) for p in new_params)]
+    if llm_missing:
+        raise ValueError(f"upcycling {dense_path}: the checkpoint has no {llm_missing[:8]}")
     if config.tie_word_embeddings:
         model.tie_weights()
     if vision_path is not None:
@@ -142,47 +150,59 @@ def upcycle(
     return model.to(dtype)
 
 
-def build_upcycled_state(model, dense: dict[str, torch.Tensor], expert_init: str, noise_std: float, generator) -> dict:
+@torch.no_grad()
+def load_upcycled_weights(model, dense: SafetensorsFolder, expert_init: str, noise_std: float, generator) -> set[str]:
+    """Copy the dense checkpoint into the MoE model in place; returns the state-dict names it filled.
+
+    Non-FFN tensors are copied as they are; each MoE layer's routed experts take the dense FFN (copy) or slices of
+    its intermediate dimension (slice), with optional noise scaled by each tensor's std; the shared expert takes the
+    first rows of gate/up and a zero down projection."""
     config = model.config
-    state: dict[str, torch.Tensor] = {}
-    own = model.state_dict()
-    for key, value in dense.items():
+    own = model.state_dict(keep_vars=True)  # the parameters and buffers themselves: copy_ writes into the model
+    filled: set[str] = set()
+
+    def put(key: str, value: torch.Tensor) -> None:
+        if key not in own:
+            raise ValueError(f"dense checkpoint tensor {key!r} has no place in the MoE model")
+        if own[key].shape != value.shape:
+            raise ValueError(f"dense checkpoint tensor {key!r} has shape {tuple(value.shape)}, the MoE model "
+                             f"expects {tuple(own[key].shape)}")
+        own[key].copy_(value)
+        filled.add(key)
+
+    for key in dense.keys():
         if ".mlp." in key and _layer_index(key) is not None and config.is_moe_layer(_layer_index(key)):
             continue  # MoE layers are filled below
-        if key in own:
-            state[key] = value
-        elif key == "lm_head.weight" and config.tie_word_embeddings:
+        if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        else:
-            raise ValueError(f"dense checkpoint tensor {key!r} has no place in the MoE model")
+        put(key, dense[key])
     for i, layer in enumerate(model.model.layers):
         if not layer.is_moe:
             continue
         prefix = f"model.layers.{i}.mlp."
         gate, up, down = (dense[prefix + f"{p}_proj.weight"] for p in ("gate", "up", "down"))
-        n_experts, ffn = layer.mlp.experts.num_experts, config.moe_intermediate_size
+        experts = layer.mlp.experts
+        ffn = config.moe_intermediate_size
         n_slices = config.intermediate_size // ffn
-        gate_up, downs = [], []
-        for e in range(n_experts):
+        for e in range(experts.num_experts):
             j = e % n_slices if expert_init == "slice" else 0
             rows = slice(j * ffn, (j + 1) * ffn)
-            gu = torch.cat([gate[rows], up[rows]], dim=0).clone()
+            gu = torch.cat([gate[rows], up[rows]], dim=0)
             dn = down[:, rows].clone()
             if noise_std > 0:
                 gu += noise_std * gu.std() * torch.randn(gu.shape, generator=generator).to(gu.dtype)
                 dn += noise_std * dn.std() * torch.randn(dn.shape, generator=generator).to(dn.dtype)
-            gate_up.append(gu)
-            downs.append(dn)
-        state[prefix + "experts.gate_up_proj"] = torch.stack(gate_up)
-        state[prefix + "experts.down_proj"] = torch.stack(downs)
+            experts.gate_up_proj[e].copy_(gu)
+            experts.down_proj[e].copy_(dn)
+        filled |= {prefix + "experts.gate_up_proj", prefix + "experts.down_proj"}
         if config.num_shared_experts:
             size = config.shared_expert_intermediate_size
             if size > gate.shape[0]:
                 raise ValueError(f"shared_expert_intermediate_size {size} > dense intermediate_size {gate.shape[0]}")
-            state[prefix + "shared_expert.gate_proj.weight"] = gate[:size].clone()
-            state[prefix + "shared_expert.up_proj.weight"] = up[:size].clone()
-            state[prefix + "shared_expert.down_proj.weight"] = torch.zeros_like(down[:, :size])
-    return state
+            put(prefix + "shared_expert.gate_proj.weight", gate[:size])
+            put(prefix + "shared_expert.up_proj.weight", up[:size])
+            put(prefix + "shared_expert.down_proj.weight", torch.zeros_like(down[:, :size]))
+    return filled
 
 
 def _layer_index(key: str) -> int | None:

@@ -1,5 +1,7 @@
 """Parity of the decoder with transformers' Qwen2 on the same weights, and exact upcycling."""
 
+import json
+
 import pytest
 import torch
 from transformers import Qwen2ForCausalLM
@@ -106,3 +108,37 @@ def test_upcycle_rejects_bad_inputs(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "dense" / "config.json").replace(tmp_path / "empty" / "config.json")
         upcycle(str(tmp_path / "empty"))
+
+
+def test_upcycle_builds_in_the_training_dtype_from_a_sharded_checkpoint(tmp_path):
+    """The real-scale path: a sharded bf16 checkpoint, upcycled straight into bf16 (no fp32 model on the way:
+    omni.benchmarks.upcycle_memory measures the memory) and filled in place; then the checkpoint's mistakes."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(6)
+    dense = Qwen2ForCausalLM(tiny_qwen2_config()).to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="50KB")
+    assert len(list((tmp_path / "dense").glob("model-*.safetensors"))) > 1
+    moe = upcycle(str(tmp_path / "dense"), expert_init="slice", moe_intermediate_size=32, num_null_experts=0,
+                  dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32  # the build's dtype did not leak
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}
+    assert all(b.gate.e_score_correction_bias.dtype == torch.float32 for b in moe.moe_blocks)  # kept in fp32
+    want = dense.state_dict()
+    got = moe.state_dict()
+    for key in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.bias", "model.norm.weight"):
+        assert torch.equal(got[key], want[key]), key
+    gate = want["model.layers.1.mlp.gate_proj.weight"]
+    assert torch.equal(got["model.layers.1.mlp.experts.gate_up_proj"][5, :32], gate[32:64])  # expert 5 = slice 1
+    size = moe.config.shared_expert_intermediate_size
+    assert torch.equal(got["model.layers.1.mlp.shared_expert.gate_proj.weight"], gate[:size])
+
+    index = json.loads((tmp_path / "dense" / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = tmp_path / "dense" / index["model.norm.weight"]
+    tensors = load_file(shard)
+    save_file({**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.extra.weight' has no place"):
+        upcycle(str(tmp_path / "dense"), expert_init="slice", moe_intermediate_size=32, moe_layers=[1])
+    save_file({**tensors, "model.norm.weight": torch.zeros(3)}, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(3,\), the MoE model expects \(64,\)"):
+        upcycle(str(tmp_path / "dense"), expert_init="slice", moe_intermediate_size=32)
