@@ -207,12 +207,16 @@ def model_config(recipe: Recipe, tokenizer=None):
 def build_model(recipe: Recipe, tokenizer, source: str | Path | None, dense_source: str | Path | None = None):
     """Stage 1's model (config / upcycle / from), the previous stage's exported model when `source` is given, or
     the MoE model upcycled from a dense_pretrain stage's export `dense_source`. Every rank builds the same weights
-    (the caller seeds every rank alike)."""
+    (the caller seeds every rank alike), in the run's precision: a bf16 run never holds an fp32 copy of the model
+    (at real scale, 63 GB per rank), whatever dtype a stage folder was saved in."""
+    import torch
+
     from modeling.modeling_omni import OmniMoeForCausalLM
 
+    dtype = torch.bfloat16 if recipe.parallel.precision == "bf16" else torch.float32
     folder = source if source is not None else recipe.model.from_
     if folder is not None:
-        return OmniMoeForCausalLM.from_pretrained(str(folder))
+        return OmniMoeForCausalLM.from_pretrained(str(folder), dtype=dtype)
     if recipe.model.upcycle is not None:
         from modeling.upcycle import upcycle
 
@@ -223,8 +227,8 @@ def build_model(recipe: Recipe, tokenizer, source: str | Path | None, dense_sour
         for key, value in placeholder_ids(tokenizer).items():
             options.setdefault(key, value)
         # placeholder ids past the checkpoint's embeddings fail in OmniMoeConfig, before any weights are built
-        return upcycle(**options)
-    return OmniMoeForCausalLM(model_config(recipe, tokenizer))
+        return upcycle(**options, dtype=dtype)
+    return OmniMoeForCausalLM._from_config(model_config(recipe, tokenizer), dtype=dtype)
 
 
 def dense_llm_config(recipe: Recipe, tokenizer):

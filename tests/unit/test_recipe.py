@@ -140,6 +140,33 @@ def test_upcycling_refuses_a_tokenizer_longer_than_the_checkpoints_embeddings(tm
     ids = {"<|image|>": 5, "<|video|>": 8, "<|audio|>": 9}  # appended past the checkpoint's 8 embedding rows
     tokenizer = type("Tokenizer", (), {"__len__": lambda self: 10, "convert_tokens_to_ids": lambda self, t: ids[t]})()
     recipe = SimpleNamespace(model=SimpleNamespace(from_=None, upcycle={"dense_path": str(dense)}),
-                             run=SimpleNamespace(seed=0))
+                             run=SimpleNamespace(seed=0), parallel=SimpleNamespace(precision="bf16"))
     with pytest.raises(ValueError, match=r"video_token_id=8, audio_token_id=9 outside the vocabulary \(vocab_size 8\)"):
         build_model(recipe, tokenizer, None)
+
+
+def test_a_bf16_run_builds_every_stage_model_in_bf16(tmp_path):
+    """No fp32 copy of the model on a bf16 run (at real scale: 63 GB per rank), neither upcycled nor loaded from an
+    earlier stage's (fp32) folder; an fp32 run stays fp32."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from omni.train import build_model
+    from tests.tiny import tiny_qwen2_config
+
+    Qwen2ForCausalLM(tiny_qwen2_config()).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    ids = {"<|image|>": 90, "<|video|>": 91, "<|audio|>": 92}
+    tokenizer = type("Tokenizer", (), {"convert_tokens_to_ids": lambda self, t: ids[t]})()
+    upcycle = {"dense_path": str(tmp_path / "dense"), "moe_intermediate_size": 32, "expert_init": "slice"}
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        recipe = SimpleNamespace(model=SimpleNamespace(from_=None, upcycle=upcycle), run=SimpleNamespace(seed=0),
+                                 parallel=SimpleNamespace(precision=precision))
+        model = build_model(recipe, tokenizer, None)
+        assert {p.dtype for p in model.parameters()} == {dtype}, precision
+        assert model.config.audio_token_id == 92
+        model.to(torch.float32).save_pretrained(tmp_path / precision)  # stage folders hold fp32 (master) weights
+        loaded = build_model(recipe, tokenizer, tmp_path / precision)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}, precision
+        assert all(b.gate.e_score_correction_bias.dtype == torch.float32 for b in loaded.moe_blocks)
