@@ -361,6 +361,11 @@ def dry_run_report(recipe: Recipe) -> str:
         lines.append(f"  stage {stage.name}: trains {trained['dense'] + trained['expert']:,} parameters "
                      f"({trained['expert']:,} in routed experts): {estimate.line()}")
         lines += [f"    note: {note}" for note in estimate.notes]
+    # host memory: every rank builds (or loads) the whole model before expert parallelism keeps its share
+    build = counts.total * (2 if p.precision == "bf16" else 4)
+    lines.append(f"host memory at each stage's start: the whole model, {human_bytes(build)} per rank x "
+                 f"{recipe.run.nproc_per_node} = {human_bytes(build * recipe.run.nproc_per_node)} a node (upcycling "
+                 "peaks at ~1.4x: docs/performance.md, 'Upcycling memory')")
     lines.append(f"output: {recipe.run.output_dir}")
     return "\n".join(lines)
 

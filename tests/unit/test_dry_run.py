@@ -133,6 +133,9 @@ def test_real_scale_dry_run_reads_configs_only_and_reports_counts_layout_and_mem
     for stage in ("alignment", "modality_experts", "mixed_lora"):
         memory = next(l for l in out.splitlines() if l.startswith(f"  stage {stage}: trains"))
         assert "weights" in memory and "optimizer" in memory and "activations" in memory and "GiB" in memory
+    host = next(l for l in out.splitlines() if l.startswith("host memory at each stage's start"))
+    per_rank = f"{total * 2 / 2**30:,.2f} GiB per rank x 8 = {total * 16 / 2**30:,.2f} GiB a node"  # bf16
+    assert per_rank in host, host
 
 
 def test_memory_formula_on_a_hand_computed_case():
