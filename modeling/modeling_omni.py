@@ -77,6 +77,10 @@ class OmniMoePreTrainedModel(PreTrainedModel):
             if module.modality_bias is not None:
                 init.zeros_(module.modality_bias)
             init.copy_(module.allowed, torch.tensor(module.allowed_rows, dtype=torch.bool))
+        elif isinstance(module, OmniSparseMoeBlock):
+            # a non-persistent buffer: left as uninitialised memory by meta-device loading, it made the per-pool
+            # Switch loss (router_balance="pool") of every loaded model depend on the process's memory history
+            init.copy_(module.pool_of_expert, module.pool_membership())
         elif isinstance(module, OmniRotaryEmbedding):
             fresh = OmniRotaryEmbedding(self.config.head_dim, self.config.rope_theta, self.config.mrope_section,
                                         self.config.mrope_interleaved)

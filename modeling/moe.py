@@ -322,11 +322,9 @@ class OmniSparseMoeBlock(nn.Module):
         pools = config.expert_pools()
         self.balance_groups = [(r.start, r.stop) for name, r in pools.items() if name != "null" and len(r)]
         self.router_balance = config.router_balance
-        # [G, E] one-hot pool membership of the weighted experts, for the per-pool Switch loss
-        pool_of_expert = torch.zeros(len(self.balance_groups), self.num_experts, dtype=torch.bool)
-        for g, (start, stop) in enumerate(self.balance_groups):
-            pool_of_expert[g, start:stop] = True
-        self.register_buffer("pool_of_expert", pool_of_expert, persistent=False)
+        # [G, E] one-hot pool membership of the weighted experts, for the per-pool Switch loss. Non-persistent:
+        # after meta-device construction (`from_pretrained`) the model's `_init_weights` must refill it.
+        self.register_buffer("pool_of_expert", self.pool_membership(), persistent=False)
 
         self.gate = ModalityRouter(config)
         self.experts = GroupedExperts(
@@ -345,6 +343,13 @@ class OmniSparseMoeBlock(nn.Module):
             nn.init.normal_(param, mean=0.0, std=std)
         if self.gate.modality_bias is not None:
             nn.init.zeros_(self.gate.modality_bias)  # no prior at init: the upcycled model's routing is unchanged
+
+    def pool_membership(self) -> torch.Tensor:
+        """[G, E] bool: row g marks the weighted experts of balance group g (`balance_groups`)."""
+        membership = torch.zeros(len(self.balance_groups), self.num_experts, dtype=torch.bool)
+        for g, (start, stop) in enumerate(self.balance_groups):
+            membership[g, start:stop] = True
+        return membership
 
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor, modality_ids: torch.Tensor) -> RoutingDecision:

@@ -170,3 +170,19 @@ def test_decoupled_routers_round_trip_and_the_bias_starts_at_zero(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
         for ours, theirs in zip(model.moe_blocks, loaded.moe_blocks):
             assert torch.equal(ours.gate.modality_bias, theirs.gate.modality_bias)
+
+
+def test_a_loaded_model_rebuilds_its_per_pool_balance_buffer(tmp_path):
+    """`pool_of_expert` is a non-persistent buffer: `from_pretrained` builds the model on the meta device and must
+    refill it, or the per-pool Switch loss of every loaded model reads uninitialised memory (it did: stage 3 of the
+    tiny recipe gave different losses from the same stage-2 folder in different processes)."""
+    torch.manual_seed(0)
+    model = OmniMoeForCausalLM(tiny_config(router_balance="pool"))
+    model.save_pretrained(tmp_path)
+    loaded = OmniMoeForCausalLM.from_pretrained(tmp_path)
+    for ours, theirs in zip(model.moe_blocks, loaded.moe_blocks, strict=True):
+        assert ours.pool_of_expert.any() and torch.equal(theirs.pool_of_expert, ours.pool_of_expert)
+    batch = mixed_batch(model.config, seed=5)
+    with torch.no_grad():
+        want, got = model(**batch), loaded(**batch)
+    assert torch.equal(got.aux_loss, want.aux_loss) and torch.equal(got.loss, want.loss)
