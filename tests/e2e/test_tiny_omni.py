@@ -52,13 +52,17 @@ def ci_overrides(root: Path) -> list[str]:
     return overrides
 
 
-def train_set_loss(model_dir: Path, synth: Path) -> float:
-    """Teacher-forced cross-entropy of an exported stage model on the whole (tiny) train set, in one batch."""
+def train_set_loss(model_dir: Path, synth: Path, moe: dict | None = None) -> float:
+    """Teacher-forced cross-entropy of an exported stage model on the whole (tiny) train set, in one batch; `moe`:
+    a stage's `moe:` overrides applied first (the model that stage starts from, e.g. with the inter pool on)."""
     from data.collate import OmniCollator
     from data.reader import ShardDataset
     from omni.loading import load_model_and_processor
+    from training.stages import apply_moe_overrides
 
     model, processor = load_model_and_processor(model_dir)
+    if moe:
+        apply_moe_overrides(model, moe)
     tasks = sorted(p for p in (synth / "shards" / "train").iterdir() if (p / "index.json").is_file())
     samples = list(ShardDataset([str(p) for p in tasks], rank=0, world_size=1, shuffle=False))
     batch = OmniCollator(processor).collate(samples)
@@ -92,7 +96,8 @@ def run(tmp_path_factory) -> dict:
 def test_every_stage_learns_evaluates_and_the_export_answers(run):
     """Stage 0 and alignment: the training loss falls (mean of the first four steps vs the last four; batches of
     different tasks make single steps noisy). The MoE stages after them: the whole train set's cross-entropy, one
-    deterministic batch, is lower after the stage than before it (the previous stage's export)."""
+    deterministic batch, is lower after the stage than before it (the previous stage's export under the stage's own
+    `moe:` overrides: the recipe turns the inter pool off for stage 2 and on again for stage 3)."""
     out, folder = run["output"], run["run"]
     for stage in STAGES:
         by_step = losses(folder, stage)
@@ -104,8 +109,14 @@ def test_every_stage_learns_evaluates_and_the_export_answers(run):
         values = [loss for _, loss in sorted(losses(folder, stage).items())]
         assert sum(values[-4:]) / 4 < sum(values[:4]) / 4, (stage, values)
     synth = run["root"] / "synth"
+    import yaml
+
+    specs = yaml.safe_load((folder / "recipe.yaml").read_text())["stages"]
+    stage_moe = {spec["name"]: spec.get("moe") for spec in specs}
+    assert stage_moe["modality_experts"]["use_inter_pool"] is False, stage_moe  # the recipe this test is about
     for before, after in zip(STAGES[1:], STAGES[2:]):
-        start, end = train_set_loss(folder / before / "model", synth), train_set_loss(folder / after / "model", synth)
+        start = train_set_loss(folder / before / "model", synth, stage_moe[after])
+        end = train_set_loss(folder / after / "model", synth)
         assert end < start, (after, start, end)
     final = json.loads((folder / STAGES[-1] / "eval.json").read_text())
     assert set(final["per_modality"]) == {"text", "image", "audio", "video"}
