@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from omni.recipe import load_recipe
 from tests.launching import run_in_session
 
 RECIPE = "recipes/tiny_omni.yaml"
@@ -111,10 +112,7 @@ def test_every_stage_learns_evaluates_and_the_export_answers(run):
         values = [loss for _, loss in sorted(losses(folder, stage).items())]
         assert sum(values[-4:]) / 4 < sum(values[:4]) / 4, (stage, values)
     synth = run["root"] / "synth"
-    import yaml
-
-    specs = yaml.safe_load((folder / "recipe.yaml").read_text())["stages"]
-    stage_moe = {spec["name"]: spec.get("moe") for spec in specs}
+    stage_moe = {stage.name: stage.moe for stage in load_recipe(folder / "recipe.yaml").stages}
     assert stage_moe["modality_experts"]["use_inter_pool"] is False, stage_moe  # the recipe this test is about
     for before, after in zip(STAGES[1:], STAGES[2:]):
         start = train_set_loss(folder / before / "model", synth, stage_moe[after])
