@@ -26,6 +26,12 @@ from .moe import GroupedExperts, ModalityRouter, MoeRouterOutput, OmniSparseMoeB
 from .rope import OmniRotaryEmbedding
 
 IGNORE_INDEX = -100
+# std of a vision encoder's position embeddings when it is built from a config (trained from scratch). At 1.0 (PyTorch's
+# nn.Embedding default) the position code dominated a fresh ViT's patch features, so the shape of a small object at
+# an arbitrary sub-patch offset had to be learned separately at every position (tiny-omni video shape 72 %); at 0.02
+# (CLIP's init) the features carried almost no position (video direction 66 %, image position after alignment 27 %);
+# at 0.3 both were learned (video shape 92 %, direction 97 %): docs/performance.md, "Video shape".
+FRESH_VISION_POSITION_STD = 0.3
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "audio_features", "audio_chunk_counts", "audio_token_counts")
 
 
@@ -101,17 +107,22 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
                 for module in child.modules():
                     module._omni_torch_default_init = True
         self.post_init()
-        # Encoders built from a config (not loaded) start from PyTorch's default init too, not their library's
-        # N(0, 0.02): measured on the synthetic tasks, GUIDE §6. That includes the vision encoder's learned position
-        # embeddings (N(0, 1)): at 0.02 against patch features of order 1 a fresh ViT is nearly blind to where a
-        # patch is. Whisper's position embeddings are fixed sinusoids and keep them. Under from_pretrained /
-        # meta-device construction transformers turns these init calls into no-ops (loaded weights replace them).
-        towers = ((self.media.vision_encoder, (nn.Linear, nn.Conv2d, nn.Embedding)),
+        # Encoders built from a config (not loaded) start from PyTorch's default init, not their library's
+        # N(0, 0.02): measured on the synthetic tasks, GUIDE §6. The vision encoder's learned position embeddings are
+        # the exception, drawn at FRESH_VISION_POSITION_STD: they set how much a fresh ViT's features say *where* a
+        # patch is against *what* it holds (docs/performance.md, "Video shape"). Whisper's position embeddings are
+        # fixed sinusoids and keep them. Under from_pretrained / meta-device construction transformers turns these
+        # init calls into no-ops (loaded weights replace them).
+        towers = ((self.media.vision_encoder, (nn.Linear, nn.Conv2d)),
                   (self.media.audio_encoder, (nn.Linear, nn.Conv1d)))
         for encoder, kinds in towers:
             for module in encoder.modules() if encoder is not None else ():
                 if isinstance(module, kinds):
                     module.reset_parameters()
+        if self.media.vision_encoder is not None:
+            for module in self.media.vision_encoder.modules():
+                if isinstance(module, nn.Embedding):
+                    init.normal_(module.weight, mean=0.0, std=FRESH_VISION_POSITION_STD)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

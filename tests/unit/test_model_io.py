@@ -186,3 +186,31 @@ def test_a_loaded_model_rebuilds_its_per_pool_balance_buffer(tmp_path):
     with torch.no_grad():
         want, got = model(**batch), loaded(**batch)
     assert torch.equal(got.aux_loss, want.aux_loss) and torch.equal(got.loss, want.loss)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_encoders_built_from_a_config_start_from_the_documented_init(vision, tmp_path):
+    """Fresh towers: PyTorch's default init for their linear and conv layers (GUIDE §6), the vision position
+    embeddings at FRESH_VISION_POSITION_STD (not nn.Embedding's N(0, 1), not CLIP's N(0, 0.02)); a saved model loads
+    back its own weights, not a fresh draw."""
+    from modeling.modeling_omni import FRESH_VISION_POSITION_STD
+    from tests.tiny import tiny_vision_config
+
+    torch.manual_seed(0)
+    model = OmniMoeForCausalLM(tiny_config(vision_config=tiny_vision_config(vision, hidden_size=64)))
+    vision_tower, audio_tower = model.media.vision_encoder, model.media.audio_encoder
+    positions = [m.weight for m in vision_tower.modules() if isinstance(m, torch.nn.Embedding)]
+    assert len(positions) == 1 and positions[0].numel() >= 16 * 64  # 16 patches (+ CLIP's CLS)
+    assert abs(positions[0].std().item() - FRESH_VISION_POSITION_STD) < 0.1 * FRESH_VISION_POSITION_STD
+    towers = ((torch.nn.Linear, vision_tower), (torch.nn.Conv2d, vision_tower), (torch.nn.Conv1d, audio_tower))
+    for kind, tower in towers:
+        layers = [m for m in tower.modules() if isinstance(m, kind)]
+        assert layers
+        for layer in layers:  # kaiming_uniform(a=sqrt(5)): |w| <= 1 / sqrt(fan_in), std ~ 1 / sqrt(3 fan_in)
+            fan_in = layer.weight[0].numel()
+            assert layer.weight.abs().max() <= fan_in ** -0.5 + 1e-6
+            assert layer.weight.std() > 0.8 * (3 * fan_in) ** -0.5
+    model.save_pretrained(tmp_path)
+    loaded = OmniMoeForCausalLM.from_pretrained(tmp_path)
+    for name, value in model.media.state_dict().items():
+        assert torch.equal(loaded.media.state_dict()[name], value), name
