@@ -28,9 +28,9 @@ from .rope import OmniRotaryEmbedding
 IGNORE_INDEX = -100
 # std of a vision encoder's position embeddings when it is built from a config (trained from scratch). At 1.0 (PyTorch's
 # nn.Embedding default) the position code dominated a fresh ViT's patch features, so the shape of a small object at
-# an arbitrary sub-patch offset had to be learned separately at every position (tiny-omni video shape 72 %); at 0.02
-# (CLIP's init) the features carried almost no position (video direction 66 %, image position after alignment 27 %);
-# at 0.3 both were learned (video shape 92 %, direction 97 %): docs/performance.md, "Video shape".
+# an arbitrary sub-patch offset had to be learned separately at every position (tiny-omni, val: video shape 72 %); at
+# 0.02 (CLIP's init) the features carried almost no position (video direction 66 %, image position after alignment
+# 27 %); at 0.3 both were learned (video shape 94 %, direction 97 %): docs/performance.md, "Video shape".
 FRESH_VISION_POSITION_STD = 0.3
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "audio_features", "audio_chunk_counts", "audio_token_counts")
 
