@@ -151,5 +151,7 @@ def test_row_masks_still_apply_through_the_expert_adapter(base_dir):
     model(**media_batch(model.config, audio=False)).loss.backward()
     image = list(model.config.expert_pools()["image"])
     for masked in plan.masked:
-        assert (masked.param.grad.flatten(1).abs().sum(1) > 0).nonzero().flatten().tolist() == image, masked.name
+        # only image experts' rows get a gradient (which of them depends on where the random router sends tokens)
+        rows = (masked.param.grad.flatten(1).abs().sum(1) > 0).nonzero().flatten().tolist()
+        assert rows and set(rows) <= set(image), (masked.name, rows)
     assert all(p.grad is not None for n, p in expert_lora_parameters(model))
