@@ -6,8 +6,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling.configuration_omni import OmniMoeConfig
 from modeling.media import audio_chunk_count, audio_token_count, image_token_count, video_token_count
-from modeling.modeling_omni import OmniMoeForCausalLM
-from tests.tiny import AUDIO_ID, IMAGE_ID, VIDEO_ID, VOCAB, right_padded, tiny_config
+from modeling.modeling_omni import FRESH_VISION_POSITION_STD, OmniMoeForCausalLM
+from tests.tiny import AUDIO_ID, IMAGE_ID, VIDEO_ID, VOCAB, right_padded, tiny_config, tiny_vision_config
 
 
 def mixed_batch(config, seed=0):
@@ -193,9 +193,6 @@ def test_encoders_built_from_a_config_start_from_the_documented_init(vision, tmp
     """Fresh towers: PyTorch's default init for their linear and conv layers (GUIDE §6), the vision position
     embeddings at FRESH_VISION_POSITION_STD (not nn.Embedding's N(0, 1), not CLIP's N(0, 0.02)); a saved model loads
     back its own weights, not a fresh draw."""
-    from modeling.modeling_omni import FRESH_VISION_POSITION_STD
-    from tests.tiny import tiny_vision_config
-
     torch.manual_seed(0)
     model = OmniMoeForCausalLM(tiny_config(vision_config=tiny_vision_config(vision, hidden_size=64)))
     vision_tower, audio_tower = model.media.vision_encoder, model.media.audio_encoder
@@ -211,6 +208,6 @@ def test_encoders_built_from_a_config_start_from_the_documented_init(vision, tmp
             assert layer.weight.abs().max() <= fan_in ** -0.5 + 1e-6
             assert layer.weight.std() > 0.8 * (3 * fan_in) ** -0.5
     model.save_pretrained(tmp_path)
-    loaded = OmniMoeForCausalLM.from_pretrained(tmp_path)
+    loaded = OmniMoeForCausalLM.from_pretrained(tmp_path).media.state_dict()
     for name, value in model.media.state_dict().items():
-        assert torch.equal(loaded.media.state_dict()[name], value), name
+        assert torch.equal(loaded[name], value), name
