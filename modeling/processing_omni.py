@@ -14,6 +14,7 @@ The layout is ChatML as rendered by `CHAT_TEMPLATE`, so for text without special
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,7 +219,7 @@ class OmniMoeProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # ProcessorMixin saves every sub-processor named in __init__ and fails on a None one. Shadow get_attributes
         # on this instance for the call so it sees only the present ones; to_dict (class-level list) still records
-        # an absent one as null, which _get_arguments_from_pretrained reads back as None.
+        # an absent one as null, which from_pretrained reads back as None.
         present = [name for name in type(self).get_attributes() if getattr(self, name) is not None]
         self.get_attributes = lambda: present
         try:
@@ -227,18 +228,27 @@ class OmniMoeProcessor(ProcessorMixin):
             del self.get_attributes
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        processor_dict = processor_dict or {}
-        absent = [n for n in OPTIONAL_SUB_PROCESSORS if n in processor_dict and processor_dict[n] is None]
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`, except that a sub-processor saved as absent (null in
+        processor_config.json: a model without that encoder) is not looked for.
+
+        The mixin's own loader looks for every sub-processor named in `__init__` and, since transformers 5.25, fails
+        on an absent one; how it does so is private and changed between releases. So a folder with an absent
+        sub-processor is loaded here through public calls only: `get_processor_dict`, the Auto classes, `cls(...)`.
+        """
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **dict(kwargs))
+        absent = {name for name in OPTIONAL_SUB_PROCESSORS if name in processor_dict and processor_dict[name] is None}
         if not absent:
-            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-        kwargs.pop("subfolder", None)
-        loaders = {"image_processor": AutoImageProcessor, "feature_extractor": AutoFeatureExtractor,
-                   "tokenizer": AutoTokenizer}
-        return [
-            None if name in absent else loaders[name].from_pretrained(pretrained_model_name_or_path, **kwargs)
-            for name in cls.get_attributes()
-        ]
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        settings = [name for name in inspect.signature(cls.__init__).parameters
+                    if name not in ("self", "kwargs", "tokenizer", *OPTIONAL_SUB_PROCESSORS)]
+        overrides = {name: kwargs.pop(name) for name in settings if name in kwargs}
+        loaders = {"image_processor": AutoImageProcessor, "feature_extractor": AutoFeatureExtractor}
+        sub_processors = {name: None if name in absent else loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
+                          for name, loader in loaders.items()}
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        saved = {name: processor_dict[name] for name in settings if name in processor_dict}
+        return cls(tokenizer=tokenizer, **sub_processors, **{**saved, **overrides})
 
     @property
     def model_input_names(self) -> list[str]:

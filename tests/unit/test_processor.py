@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
 
 import pytest
 import torch
@@ -364,17 +369,69 @@ def test_save_pretrained_round_trip(tokenizer, processor, tmp_path):
     a, b = processor(MIXED, **media), loaded(MIXED, **media)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # a model without a vision encoder: no image processor, and that survives the round trip
-    config = make_config(tokenizer, vision_config=None)
-    audio_only = OmniMoeProcessor.from_config(config, tokenizer, video_num_frames=2)
-    assert audio_only.image_processor is None
-    audio_only.save_pretrained(str(tmp_path / "audio"))
-    reloaded = OmniMoeProcessor.from_pretrained(str(tmp_path / "audio"))
-    assert reloaded.image_processor is None and reloaded.video_num_frames == 2
-    conv = [[user("audio")]]
-    assert torch.equal(audio_only(conv, audios=[audio(1.3)])["input_ids"], reloaded(conv, audios=[audio(1.3)])["input_ids"])
-    with pytest.raises(ValueError, match="no image processor"):
-        reloaded([[user("image")]], images=[image()])
+
+
+# A model without one encoder: that sub-processor is absent (None) and stays absent through the round trip.
+PARTIAL = {"image_processor": ({"vision_config": None}, "audio", "image", "no image processor"),
+           "feature_extractor": ({"audio_config": None}, "image", "audio", "no feature extractor")}
+
+
+def partial_processor(tokenizer, absent: str) -> OmniMoeProcessor:
+    overrides = PARTIAL[absent][0]
+    return OmniMoeProcessor.from_config(make_config(tokenizer, **overrides), tokenizer, video_num_frames=2)
+
+
+def partial_inputs(kind: str) -> tuple[list, dict]:
+    return [[user(kind)]], ({"audios": [audio(1.3)]} if kind == "audio" else {"images": [image()]})
+
+
+@pytest.mark.parametrize("absent", sorted(PARTIAL))
+def test_save_pretrained_round_trip_without_one_sub_processor(tokenizer, absent, tmp_path):
+    _, present_kind, absent_kind, message = PARTIAL[absent]
+    partial = partial_processor(tokenizer, absent)
+    assert getattr(partial, absent) is None
+    partial.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "processor_config.json").read_text())[absent] is None
+    reloaded = OmniMoeProcessor.from_pretrained(str(tmp_path))
+    assert getattr(reloaded, absent) is None and reloaded.video_num_frames == 2
+    settings = lambda proc: {k: v for k, v in proc.to_dict().items() if k != "auto_map"}  # noqa: E731
+    assert settings(reloaded) == settings(partial)
+    conv, media = partial_inputs(present_kind)
+    a, b = partial(conv, **media), reloaded(conv, **media)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    conv, media = partial_inputs(absent_kind)
+    with pytest.raises(ValueError, match=message):
+        reloaded(conv, **media)
+
+
+# A fresh interpreter that cannot import this project loads the saved folder through AutoProcessor and the folder's
+# own remote code (as a user of an exported model does). argv: site-packages, folder, absent attribute, out file.
+FRESH_AUTO_PROCESSOR = r"""
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])
+assert importlib.util.find_spec("modeling") is None, "the project is importable"
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained(sys.argv[2], trust_remote_code=True)
+conv = [[{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]]
+json.dump({"class": type(processor).__name__, "module": type(processor).__module__,
+           "absent": getattr(processor, sys.argv[3]) is None,
+           "ids": processor(conv)["input_ids"].tolist()}, open(sys.argv[4], "w"))
+"""
+
+
+@pytest.mark.parametrize("absent", sorted(PARTIAL))
+def test_auto_processor_with_remote_code_loads_without_one_sub_processor(tokenizer, absent, tmp_path):
+    partial = partial_processor(tokenizer, absent)
+    folder, out = tmp_path / "folder", tmp_path / "fresh.json"
+    partial.save_pretrained(str(folder))
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-I", "-S", "-c", FRESH_AUTO_PROCESSOR, sysconfig.get_paths()["purelib"],
+                    str(folder), absent, str(out)], cwd=tmp_path, env=env, check=True, timeout=120)
+    report = json.loads(out.read_text())
+    conv = [[user(text("hello there"))]]
+    assert report["class"] == "OmniMoeProcessor" and not report["module"].startswith("modeling")
+    assert report["absent"] and report["ids"] == partial(conv)["input_ids"].tolist()
 
 
 # ---------------------------------------------------------------------------------------------- errors
