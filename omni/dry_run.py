@@ -24,6 +24,10 @@ expert-data-parallel ranks; "N" is W for dense and W / E for expert parameters:
                  slot the gathered input, gate/up, activation and output, the shared expert), 6h + 2 kv + 3 I (dense)
                  logits = T x V x (b + 4)  (model-dtype logits and their fp32 copy for the loss)
 Media encoders' activations are left out (frozen towers keep none); routing is assumed balanced over EP ranks.
+
+Per stage it also prints the cost model of `omni/cost_model.py`: FLOPs per token, all-to-all bytes per token per MoE
+layer and a step-time lower bound at a stated peak TFLOPS and link bandwidths (OMNI_PEAK_TFLOPS,
+OMNI_INTRA_NODE_GBPS, OMNI_INTER_NODE_GBPS; H100 SXM by default).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from omni.cost_model import Hardware, stage_cost
 from omni.recipe import Recipe, RecipeError
 
 GIB = 1024**3
@@ -246,7 +251,9 @@ def tokens_per_micro_batch(recipe: Recipe) -> tuple[int, str]:
 
 def stage_memory(recipe: Recipe, stage, config, world_size: int) -> tuple[MemoryEstimate, dict[str, int]]:
     """Per-rank memory of one stage (the meta model with the stage's LoRA and freezing applied) and the parameters
-    it trains: {"dense": n, "expert": n} (expert: routed experts and their LoRA factors, all EP ranks together)."""
+    it trains: {"dense": n, "expert": n, "reduced_expert": n} (expert: routed experts and their LoRA factors, all EP
+    ranks together; reduced_expert: the expert parameters whose gradients the step reduces, frozen ones kept in a MoE
+    group included)."""
     import torch
 
     from training.stages import apply_stage, prepare_model_for_stage
@@ -276,6 +283,7 @@ def stage_memory(recipe: Recipe, stage, config, world_size: int) -> tuple[Memory
                                         precision=p.precision)
     tokens, _ = tokens_per_micro_batch(recipe)
     acts = activation_bytes(config, tokens, p.precision, recipe.train.activation_checkpointing)
+    trained["reduced_expert"] = held_expert  # what the data-parallel gradient reduction moves
     return MemoryEstimate(weights, grads, optim, acts, tuple(notes)), trained
 
 
@@ -351,16 +359,26 @@ def dry_run_report(recipe: Recipe) -> str:
               f"  by component: {components}"]
     lines += expert_layout(config, p.ep_size, world)
     tokens, how = tokens_per_micro_batch(recipe)
+    hardware = Hardware.from_environment()
+    row_tokens = int(recipe.data.batching.get("max_length") or recipe.data.max_length or tokens)
+    tokens_per_rank = tokens * recipe.train.gradient_accumulation_steps
     lines += [(f"parallel: {nodes} node(s) x {recipe.run.nproc_per_node} processes = world {world}, "
                f"EP={p.ep_size}, ZeRO-{p.zero_stage}, {p.precision}, activation checkpointing "
                f"{'on' if recipe.train.activation_checkpointing else 'off'}, micro-batch {how} = {tokens:,} tokens"),
-              "memory per rank (estimate; the model in omni/dry_run.py and docs/launch.md):"]
+              "memory per rank (estimate; the model in omni/dry_run.py and docs/launch.md) and cost per step "
+              f"(omni/cost_model.py) at {hardware.line()}:"]
     for stage in recipe.stages:
         stage_config = config if stage.preset != "dense_pretrain" else resolve_model_config(recipe, stage)[0]
         estimate, trained = stage_memory(recipe, stage, stage_config, world)
         lines.append(f"  stage {stage.name}: trains {trained['dense'] + trained['expert']:,} parameters "
                      f"({trained['expert']:,} in routed experts): {estimate.line()}")
         lines += [f"    note: {note}" for note in estimate.notes]
+        cost = stage_cost(stage_config, row_tokens=row_tokens, tokens_per_rank=tokens_per_rank,
+                          reduced_dense=trained["dense"], reduced_expert=trained["reduced_expert"], world_size=world,
+                          ep_size=p.ep_size if stage.preset != "dense_pretrain" else 1,
+                          nproc_per_node=recipe.run.nproc_per_node, precision=p.precision,
+                          checkpointing=recipe.train.activation_checkpointing, hardware=hardware)
+        lines += [f"    {line}" for line in cost.lines(tokens_per_rank)]
     # host memory: every rank builds (or loads) the whole model before expert parallelism keeps its share
     build = counts.total * (2 if p.precision == "bf16" else 4)
     lines.append(f"host memory at each stage's start: the whole model, {human_bytes(build)} per rank x "
