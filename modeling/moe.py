@@ -103,8 +103,11 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         works = False
         if fn is not None and device.type != "meta":
             try:
-                # fixed values, not randn: the probe must not advance the global RNG (resume reproducibility)
-                with torch.enable_grad():
+                # fixed values, not randn: the probe must not advance the global RNG (resume reproducibility).
+                # Identity saved-tensor hooks: the first forward may run inside activation checkpointing, whose
+                # hooks would otherwise count the probe's tensors and find fewer in the recomputation
+                # (CheckpointError); the innermost hooks are the ones applied.
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                     a = torch.linspace(-1, 1, 128, device=device).view(8, 16).to(dtype).requires_grad_()
                     b = torch.linspace(1, -1, 512, device=device).view(2, 16, 16).to(dtype).requires_grad_()
                     offs = torch.tensor([3, 8], device=device, dtype=torch.int32)

@@ -12,7 +12,9 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 
 from modeling import moe
 from modeling.configuration_omni import OmniMoeConfig
+from modeling.modeling_omni import OmniMoeForCausalLM
 from modeling.moe import GroupedExperts, LocalDispatcher, OmniSparseMoeBlock
+from tests.tiny import tiny_config
 
 D, FFN, SHARED_FFN = 32, 48, 40
 # Experts backends that need GPU kernels fetched from the Hub; every other registered backend runs on the CPU.
@@ -314,7 +316,10 @@ def test_padding_is_excluded_from_losses_and_statistics():
     out_noisy, stats_noisy = block(noisy, modality_ids, mask)
     for field in ("aux_loss", "z_loss", "tokens_per_expert", "prob_mass", "null_fraction"):
         assert torch.equal(getattr(stats, field), getattr(stats_noisy, field)), field
-    assert torch.equal(out[mask], out_noisy[mask])
+    # Equal up to rounding, not bitwise: padding tokens are still dispatched (dropless), so they move the real tokens'
+    # rows inside each expert's GEMM, and a row's accumulation order depends on its place in the kernel's tile on
+    # some CPUs (measured here, Dec 2026: 2.3e-10 apart, with grouped_mm and with the per-expert loop alike).
+    torch.testing.assert_close(out[mask], out_noisy[mask], rtol=1e-6, atol=1e-6)
     assert stats.tokens_per_expert.sum() == mask.sum() * block.top_k
     real_changed = x.clone()
     real_changed[0, 0] += 1.0
@@ -484,3 +489,16 @@ def test_update_aux_free_bias_moves_toward_underloaded_experts():
     assert block.gate.weight.dtype == torch.bfloat16
     assert block.gate.e_score_correction_bias.dtype == torch.float32  # updates of ~1e-3 would vanish in bf16
     assert torch.equal(block.gate.e_score_correction_bias, bias)
+
+
+def test_the_grouped_mm_probe_inside_a_checkpointed_first_forward():
+    """The first forward of a process probes grouped_mm (a tiny forward + backward); under activation checkpointing
+    that probe ran inside the checkpoint's saved-tensor hooks, so the recomputation saved fewer tensors than the
+    forward and backward raised CheckpointError. Measured on the first step of a fresh process."""
+    torch.manual_seed(0)
+    model = OmniMoeForCausalLM(tiny_config(media=False)).train()
+    model.activation_checkpointing_enable()
+    ids = torch.randint(2, 90, (2, 10))
+    moe._GROUPED_MM_WORKS.clear()  # as in a fresh process: the probe runs inside this checkpointed forward
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert moe._GROUPED_MM_WORKS and all(p.grad is not None for p in model.model.layers[-1].parameters())
