@@ -25,6 +25,9 @@ _VISION_TOWERS = {
 # when the vision class loads the folder, so only the config's model_type needs translating.
 _FULL_TO_VISION_TYPE = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 _WHISPER_TYPES = ("whisper",)
+# The `model_type`s a local encoder checkpoint folder may have (a recipe's paths are checked against these).
+VISION_CHECKPOINT_TYPES = (*_VISION_TOWERS, *_FULL_TO_VISION_TYPE)
+AUDIO_CHECKPOINT_TYPES = _WHISPER_TYPES
 # WhisperModel stores the encoder under `encoder.`, WhisperForConditionalGeneration under `model.encoder.`
 # (regexes, applied by transformers' `key_mapping`).
 _WHISPER_ENCODER_KEYS = {r"^(model\.)?encoder\.": ""}

@@ -42,10 +42,15 @@ LLM_FIELDS = (
 )
 
 
+# The `model_type`s of the dense checkpoints upcycling reads.
+DENSE_MODEL_TYPES = ("qwen2", "llama")
+
+
 def dense_llm_fields(dense_config) -> dict[str, Any]:
     """The LLM part of an OmniMoeConfig, read off a Qwen2 / Llama config."""
-    if dense_config.model_type not in ("qwen2", "llama"):
-        raise ValueError(f"upcycling supports qwen2 and llama checkpoints, got model_type={dense_config.model_type!r}")
+    if dense_config.model_type not in DENSE_MODEL_TYPES:
+        raise ValueError(f"upcycling supports {' and '.join(DENSE_MODEL_TYPES)} checkpoints, got "
+                         f"model_type={dense_config.model_type!r}")
     fields = {k: getattr(dense_config, k) for k in LLM_FIELDS if getattr(dense_config, k, None) is not None}
     rope = getattr(dense_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":

@@ -34,6 +34,7 @@ import yaml
 
 from omni.dry_run import dry_run_report
 from omni.recipe import Recipe, RecipeError, load_recipe
+from omni.recipe_paths import check_recipe_paths
 
 DONE_FILE = "DONE.json"
 READY_FILE = "READY.json"  # a finished synthetic dataset
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace, rest=None) -> int:
         args.overrides = [o for o in args.overrides if o != "--dry-run"]
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_recipe_paths(recipe, data=not args.dry_run)  # the dry run plans from the model configs alone
     except RecipeError as exc:
         print(f"omni train: {exc}", file=sys.stderr)
         return 2
