@@ -1,7 +1,7 @@
 """Every path a recipe names, checked before any process starts, with an error naming the key and the path.
 
     check_recipe_paths(recipe)                  # omni train: models, tokenizer, data sources, eval data
-    check_recipe_paths(recipe, data=False)      # omni train --dry-run: the plan needs the model configs only
+    check_recipe_paths(recipe, plan_only=True)  # omni train --dry-run: the plan reads the model configs only
 
 A model folder must be a local directory with a config.json whose `model_type` the code that reads it supports
 (upcycling's dense LLMs, the vision and audio encoders, or one of our own models for `model.from`). Paths under
@@ -53,7 +53,7 @@ def _made_by_the_run(recipe: Recipe, path: str) -> bool:
     return out is not None and Path(path).resolve().is_relative_to(Path(out).resolve())
 
 
-def recipe_path_problems(recipe: Recipe, data: bool = True) -> list[str]:
+def recipe_path_problems(recipe: Recipe, plan_only: bool = False) -> list[str]:
     """'KEY: PATH REASON' for every path of the recipe that the run could not read."""
     problems: list[str] = []
     model = recipe.model
@@ -64,6 +64,8 @@ def recipe_path_problems(recipe: Recipe, data: bool = True) -> list[str]:
             problem = model_folder_problem(str(path), MODEL_FOLDERS[key])
             if problem:
                 problems.append(f"{key}: {path} {problem}")
+    if plan_only:
+        return problems
     tokenizer = model.tokenizer
     if isinstance(tokenizer, str):
         folder = Path(tokenizer)
@@ -71,23 +73,22 @@ def recipe_path_problems(recipe: Recipe, data: bool = True) -> list[str]:
             problems.append(f"model.tokenizer: {tokenizer} is not a folder")
         elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
             problems.append(f"model.tokenizer: {tokenizer} has none of {', '.join(TOKENIZER_FILES)}")
-    elif isinstance(tokenizer, dict) and tokenizer.get("bpe_from") and data:
+    elif isinstance(tokenizer, dict) and tokenizer.get("bpe_from"):
         manifest = str(tokenizer["bpe_from"])
         if not Path(manifest).is_file() and not _made_by_the_run(recipe, manifest):
             problems.append(f"model.tokenizer.bpe_from: {manifest} is not a file")
-    if data:
-        for name, paths in recipe.data.sources.items():
-            for path in [paths] if isinstance(paths, str) else paths:
-                if not Path(path).is_dir() and not _made_by_the_run(recipe, path):
-                    problems.append(f"data.sources.{name}: {path} is not a folder of shards")
-        eval_data = recipe.eval.data
-        if eval_data and not Path(eval_data).is_dir() and not _made_by_the_run(recipe, eval_data):
-            problems.append(f"eval.data: {eval_data} is not a folder")
+    for name, paths in recipe.data.sources.items():
+        for path in [paths] if isinstance(paths, str) else paths:
+            if not Path(path).is_dir() and not _made_by_the_run(recipe, path):
+                problems.append(f"data.sources.{name}: {path} is not a folder of shards")
+    eval_data = recipe.eval.data
+    if eval_data and not Path(eval_data).is_dir() and not _made_by_the_run(recipe, eval_data):
+        problems.append(f"eval.data: {eval_data} is not a folder")
     return problems
 
 
-def check_recipe_paths(recipe: Recipe, data: bool = True) -> None:
-    """Raise a RecipeError listing every unreadable path (`data=False`: model and tokenizer folders only)."""
-    problems = recipe_path_problems(recipe, data)
+def check_recipe_paths(recipe: Recipe, plan_only: bool = False) -> None:
+    """Raise a RecipeError listing every unreadable path (`plan_only`: the model folders alone)."""
+    problems = recipe_path_problems(recipe, plan_only)
     if problems:
         raise RecipeError(f"{recipe.path}: " + ("\n  ".join(["paths the run cannot read:", *problems])))

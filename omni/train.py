@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, rest=None) -> int:
         args.overrides = [o for o in args.overrides if o != "--dry-run"]
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        check_recipe_paths(recipe, data=not args.dry_run)  # the dry run plans from the model configs alone
+        check_recipe_paths(recipe, plan_only=args.dry_run)  # the dry run reads the model configs alone
     except RecipeError as exc:
         print(f"omni train: {exc}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ def test_the_dry_run_names_a_missing_model_folder_by_its_key(folders, capsys, mo
     assert main(["train", str(RECIPE), "--dry-run", *real_scale(folders, vision_path=missing)]) == 2
     err = capsys.readouterr().err
     assert f"model.upcycle.vision_path: {missing} does not exist" in err and "HFValidationError" not in err
-    # the data sources of real_scale.yaml do not exist here: the dry run does not need them
+    # real_scale.yaml's data sources do not exist here, nor tokenizer files: the dry run needs neither
     assert main(["train", str(RECIPE), "--dry-run", *real_scale(folders)]) == 0
 
 
@@ -61,7 +61,7 @@ def test_the_dry_run_names_a_missing_model_folder_by_its_key(folders, capsys, mo
 def test_a_model_folder_of_the_wrong_kind_is_named(folders, key, folder, message):
     recipe = load_recipe(RECIPE, real_scale(folders, **{key: folders[folder]}))
     with pytest.raises(RecipeError, match=f"model.upcycle.{key}: {folders[folder]} {message}"):
-        check_recipe_paths(recipe, data=False)
+        check_recipe_paths(recipe, plan_only=True)
 
 
 def test_a_real_run_also_needs_its_data_and_lists_every_problem(folders):
