@@ -47,6 +47,8 @@ class OmniMoeCausalLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     router_outputs: tuple[MoeRouterOutput, ...] | None = None
+    # the vision tower's own output (hidden states; attentions if asked), when hidden states or attentions are asked
+    image_outputs: ModelOutput | None = None
 
 
 class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
@@ -108,17 +110,28 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
         audio_chunk_counts: torch.Tensor | None = None,
         audio_token_counts: torch.Tensor | None = None,
         run_every_tower: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_outputs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Token embeddings with every media placeholder replaced by its media embedding, in order.
+
+        Given `inputs_embeds` (with `input_ids=None`), the media go into those: placeholders are the rows equal to
+        the placeholder token's embedding (`placeholder_masks`). `encoder_outputs`: a dict that receives the vision
+        tower's own output under "image" (its hidden states; attentions if `encoder_outputs["output_attentions"]`).
 
         `run_every_tower`: a medium this batch lacks still goes through its tower, on one blank input whose
         output is added times zero -- the result is unchanged, but every batch builds the same autograd graph.
         Training sets it: distributed optimizers that reduce gradients as backward produces them (ZeRO-2
         buckets, DDP) need every rank to produce them in the same order, whatever media its batch holds."""
-        embeds = self.model.embed_tokens(input_ids)
+        embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         media: dict[str, torch.Tensor] = {}
         blanks: list[torch.Tensor] = []
-        if pixel_values is not None:
+        if pixel_values is not None and encoder_outputs is not None:
+            images, encoder_outputs["image"] = self.media.embed_images_with_outputs(
+                pixel_values.to(self.dtype), output_attentions=bool(encoder_outputs.get("output_attentions"))
+            )
+            media["image"] = images.flatten(0, 1)
+        elif pixel_values is not None:
             media["image"] = self.media.embed_images(pixel_values.to(self.dtype)).flatten(0, 1)
         elif run_every_tower and self.media.vision_encoder is not None:
             size = self.config.vision_config.image_size
@@ -141,13 +154,14 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
         for blank in blanks:
             embeds = embeds + 0.0 * blank.sum()
         placeholder_ids = self.placeholder_ids()
+        masks = self.placeholder_masks(input_ids, inputs_embeds)
         # The placeholder checks read token counts on the host; a traced graph (torch.compile / export) cannot
         # branch on them, so they run in eager mode only.
         check = not torch.compiler.is_compiling()
         for name, rows in media.items():
             if name not in placeholder_ids:
                 raise ValueError(f"{name} inputs given but config.{name}_token_id is not set")
-            mask = input_ids == placeholder_ids[name]
+            mask = masks[name]
             n_tokens = int(mask.sum()) if check else rows.shape[0]
             if n_tokens != rows.shape[0]:
                 raise ValueError(
@@ -156,9 +170,31 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
                 )
             embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), rows.to(embeds.dtype))
         for name, token_id in placeholder_ids.items():
-            if check and name not in media and bool((input_ids == token_id).any()):
+            if check and name not in media and bool(masks[name].any()):
                 raise ValueError(f"input_ids contain {name} placeholder tokens but no {name} inputs were given")
         return embeds
+
+    def placeholder_masks(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{modality: [B, T] bool} placeholder positions, from the ids, or else from the embeddings: a row equal to
+        the placeholder token's embedding is a placeholder (how transformers' vision-language models find them)."""
+        masks = {}
+        for name, token_id in self.placeholder_ids().items():
+            if input_ids is not None:
+                masks[name] = input_ids == token_id
+            else:
+                token = self.model.embed_tokens.weight[token_id].to(inputs_embeds)
+                masks[name] = (inputs_embeds == token).all(dim=-1)
+        return masks
+
+    def modality_ids_from_embeds(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Modality ids of given embeddings: placeholder rows (`placeholder_masks`) are their medium, the rest text."""
+        modality_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        for name, mask in self.placeholder_masks(None, inputs_embeds).items():
+            if name in self.config.modalities:
+                modality_ids = modality_ids.masked_fill(mask, self.config.modality_id(name))
+        return modality_ids
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, **kwargs):
         # `inputs_embeds` named here: generate() accepts embeddings only from models whose signature names them
@@ -193,8 +229,9 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
         run_every_tower: bool = False,
         **kwargs: Any,
     ) -> OmniMoeCausalLMOutput:
-        """Inputs: docs/architecture.md ("Model inputs"). `inputs_embeds` replace `input_ids` (media must then be
-        merged in already: `embed_inputs`); their `modality_ids` default to text. Loss kwargs (`num_items_in_batch`,
+        """Inputs: docs/architecture.md ("Model inputs"). `inputs_embeds` replace `input_ids` (media are then
+        placed on the rows equal to a placeholder's embedding, as in transformers' vision-language models); their
+        `modality_ids` default to those placeholders' media, text elsewhere. Loss kwargs (`num_items_in_batch`,
         `shift_labels`, `ignore_index`) follow transformers' causal-LM loss; the rest (`output_hidden_states`,
         `output_attentions`, attention-kernel kwargs) go to the decoder."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -202,16 +239,18 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(
-                input_ids, pixel_values, pixel_values_videos, audio_features, audio_chunk_counts, audio_token_counts,
-                run_every_tower=run_every_tower,
-            )
-        elif any(x is not None for x in (pixel_values, pixel_values_videos, audio_features)):
-            raise ValueError("media inputs need input_ids (their placeholders); with inputs_embeds, merge media first "
-                             "(model.embed_inputs)")
-        if modality_ids is None and input_ids is not None:
-            modality_ids = self.modality_ids_from_input_ids(input_ids)  # else the decoder's default: text
+        if modality_ids is None:
+            # before the media are merged: given embeddings show their placeholders only until then
+            modality_ids = (self.modality_ids_from_input_ids(input_ids) if input_ids is not None
+                            else self.modality_ids_from_embeds(inputs_embeds))
+        # the vision tower's own hidden states / attentions ride along when the decoder's are asked for
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        wants_outputs = output_attentions or kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        encoder_outputs = {"output_attentions": output_attentions} if wants_outputs else None
+        inputs_embeds = self.embed_inputs(
+            input_ids, pixel_values, pixel_values_videos, audio_features, audio_chunk_counts, audio_token_counts,
+            run_every_tower=run_every_tower, inputs_embeds=inputs_embeds, encoder_outputs=encoder_outputs,
+        )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if position_ids is None and rope_deltas is not None:
             # continue a processed prompt: sequence index + (max prompt position + 1 - prompt length), on all 3 rows
@@ -253,6 +292,7 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             router_outputs=router_outputs,
+            image_outputs=encoder_outputs.get("image") if encoder_outputs else None,
         )
 
 

@@ -15,13 +15,12 @@ Parameter names follow transformers' `Qwen2MoeSparseMoeBlock` (`gate.weight`, `e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
 
 from .configuration_omni import OmniMoeConfig
 
@@ -220,11 +219,12 @@ class LocalDispatcher:
 
 # ----------------------------------------------------------------------------- router
 @dataclass
-class MoeRouterOutput(ModelOutput):
+class MoeRouterOutput:
     """Losses and statistics of one MoE layer's routing (statistics detached; padding excluded everywhere).
 
-    A `ModelOutput` (every field is always set), so transformers' output utilities and pytree flattening
-    (torch.export) treat it like the model's other outputs; `to_tuple()` gives the fields in this order.
+    Statistics of the whole batch, not per-sample tensors: a plain record (like transformers' Cache objects), so
+    generic output utilities that slice outputs by sample leave it alone. Registered with torch.export below, so
+    an exported forward can return it.
 
     aux_loss: Switch load balancing within each modality's pool, averaged over the modalities whose real tokens have
         routed slots. `router_balance="modality"`: over all its allowed routed columns (intra + inter as one pool);
@@ -236,11 +236,18 @@ class MoeRouterOutput(ModelOutput):
     null_fraction: fraction of real tokens' kept slots that went to null experts.
     """
 
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    tokens_per_expert: torch.Tensor | None = None
-    prob_mass: torch.Tensor | None = None
-    null_fraction: torch.Tensor | None = None
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    prob_mass: torch.Tensor
+    null_fraction: torch.Tensor
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The fields in order (the decoder layer returns them as plain tensors; `MoeRouterOutput(*t)` rebuilds)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+torch.export.register_dataclass(MoeRouterOutput, serialized_type_name="omni_moe.MoeRouterOutput")
 
 
 @dataclass
