@@ -84,6 +84,13 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
                 if isinstance(module, nn.Embedding):
                     init.normal_(module.weight, mean=0.0, std=FRESH_VISION_POSITION_STD)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes `auto_map` only for the class being saved; name the base model too, so that
+        # AutoModel.from_pretrained(folder, trust_remote_code=True) gives the decoder (feature extraction)
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                "AutoModel": f"{OmniMoeModel.__module__.split('.')[-1]}.{OmniMoeModel.__name__}"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
