@@ -2,7 +2,7 @@
 # Create (or reuse) a virtual environment and install omni-moe into it.
 #
 #   bash launch/install.sh            # runtime only, into ./.venv
-#   bash launch/install.sh test       # plus the test extra
+#   bash launch/install.sh test       # plus the test extra (and transformers' generic model tests, see below)
 #   VENV=/path/to/venv bash launch/install.sh
 #   LATEST=1 bash launch/install.sh test   # the newest versions pyproject.toml allows, not the tested set
 #
@@ -58,4 +58,20 @@ if not torch.cuda.is_available():
     if builder is not None:
         builder.load(verbose=False)
 PYEOF
+# The test extra also fetches transformers' own generic model tests (tests/test_modeling_common.py of the source
+# distribution of the installed transformers version; its wheel does not carry them), which tests/unit/
+# test_hf_contract*.py run against our model. They are fetched, not copied into the repo: a gitignored cache folder
+# per version, downloaded once.
+if [[ ",$EXTRAS," == *",test,"* ]]; then
+  TF_VERSION=$("$PY" -c 'import transformers; print(transformers.__version__)')
+  TF_TESTS=.cache/transformers-tests/$TF_VERSION
+  if [ ! -f "$TF_TESTS/tests/test_modeling_common.py" ]; then
+    rm -rf "$TF_TESTS.partial" && mkdir -p "$TF_TESTS.partial"
+    "$PY" -m pip download -q --no-deps --no-binary :all: "transformers==$TF_VERSION" -d "$TF_TESTS.partial"
+    tar -xzf "$TF_TESTS.partial/transformers-$TF_VERSION.tar.gz" -C "$TF_TESTS.partial" --strip-components=1 \
+      "transformers-$TF_VERSION/tests/test_modeling_common.py"
+    rm -f "$TF_TESTS.partial/transformers-$TF_VERSION.tar.gz"
+    rm -rf "$TF_TESTS" && mv "$TF_TESTS.partial" "$TF_TESTS"
+  fi
+fi
 echo "install.sh: omni-moe installed in $VENV (torch $after)"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 DEFAULT_MODALITIES = ("text", "image", "video", "audio")
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
@@ -83,6 +83,9 @@ class OmniMoeConfig(PretrainedConfig):
 
     model_type = "omni_moe"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # the encoders' configs, declared so transformers applies per-model settings (attn_implementation, dtype) to the
+    # encoder towers too
+    sub_configs = {"vision_config": AutoConfig, "audio_config": AutoConfig}
 
     def __init__(
         self,

@@ -153,12 +153,18 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, num_tokens, Dv]: hidden state of `feature_layer` (CLS dropped when asked)."""
+        return self.encode(pixel_values)[0]
+
+    def encode(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        """(features as `forward` gives them, the tower's own output: hidden states, and attentions if asked)."""
         dtype = next(self.model.parameters()).dtype
-        outputs = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        outputs = self.model(
+            pixel_values=pixel_values.to(dtype), output_hidden_states=True, output_attentions=output_attentions
+        )
         features = outputs.hidden_states[self.feature_layer]
         if self.has_cls and self.drop_cls:
             features = features[:, 1:]
-        return features
+        return features, outputs
 
 
 class AudioEncoder(nn.Module):

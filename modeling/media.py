@@ -165,10 +165,15 @@ class OmniMediaTower(nn.Module):
         return self.image_projector(pooled)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.embed_images_with_outputs(pixel_values)[0]
+
+    def embed_images_with_outputs(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        """(`embed_images`' result, the vision tower's own output: its hidden states, and attentions if asked)."""
         encoder = self._vision("embed_images")
         if pixel_values.dim() != 4:
             raise ValueError(f"embed_images: expected pixel_values [N, 3, H, W], got {tuple(pixel_values.shape)}")
-        return self._project_frames(encoder(pixel_values))
+        features, outputs = encoder.encode(pixel_values, output_attentions=output_attentions)
+        return self._project_frames(features), outputs
 
     def embed_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         encoder = self._vision("embed_videos")

@@ -15,7 +15,7 @@ Parameter names follow transformers' `Qwen2MoeSparseMoeBlock` (`gate.weight`, `e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +178,13 @@ class GroupedExperts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act_fn(gate) * up
 
+    def forward_gathered(self, x: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+        """x [N, D] rows in any order, expert_of_row [N] local expert ids -> [N, D]: static shapes (the traced path)."""
+        x = x.to(self.gate_up_proj.dtype)
+        gate_up = torch.bmm(self.gate_up_proj.index_select(0, expert_of_row), x.unsqueeze(-1)).squeeze(-1)
+        hidden = self._gated(gate_up)
+        return torch.bmm(self.down_proj.index_select(0, expert_of_row), hidden.unsqueeze(-1)).squeeze(-1)
+
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_sorted [N, D]: rows grouped by local expert in increasing order; tokens_per_expert [E] (may hold
         zeros; N may be 0). Returns [N, D] in the weights' dtype."""
@@ -218,6 +225,10 @@ class LocalDispatcher:
 class MoeRouterOutput:
     """Losses and statistics of one MoE layer's routing (statistics detached; padding excluded everywhere).
 
+    Statistics of the whole batch, not per-sample tensors: a plain record (like transformers' Cache objects), so
+    generic output utilities that slice outputs by sample leave it alone. Registered with torch.export below, so
+    an exported forward can return it.
+
     aux_loss: Switch load balancing within each modality's pool, averaged over the modalities whose real tokens have
         routed slots. `router_balance="modality"`: over all its allowed routed columns (intra + inter as one pool);
         "pool": within its intra pool and within the inter pool separately (averaged), so the split between the
@@ -233,6 +244,13 @@ class MoeRouterOutput:
     tokens_per_expert: torch.Tensor
     prob_mass: torch.Tensor
     null_fraction: torch.Tensor
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The fields in order (the decoder layer returns them as plain tensors; `MoeRouterOutput(*t)` rebuilds)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+torch.export.register_dataclass(MoeRouterOutput, serialized_type_name="omni_moe.MoeRouterOutput")
 
 
 @dataclass
@@ -463,6 +481,10 @@ class OmniSparseMoeBlock(nn.Module):
         columns, weights, kept = decision.columns, decision.weights, decision.kept
         stats = self._routing_stats(decision, modality_ids, real_token)
 
+        if torch.compiler.is_compiling() and isinstance(self.dispatcher, LocalDispatcher):
+            out = self._dispatch_traced(x, columns, weights, kept)
+            return out.to(hidden_states.dtype).view(batch, seq, dim), stats
+
         # Dropless dispatch: one stable sort of the (token, slot) pairs that hit weighted experts.
         k = self.top_k
         flat_columns = columns.reshape(-1)
@@ -484,10 +506,41 @@ class OmniSparseMoeBlock(nn.Module):
         weighted = expert_out.to(acc_dtype) * weights.reshape(-1).index_select(0, slots)[:, None]
         out = torch.zeros(x.shape[0], dim, device=x.device, dtype=acc_dtype).index_add_(0, token_of_row, weighted)
 
-        if self.shared_expert is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-            out = out + shared.to(acc_dtype)
+        out = self._add_shared(x, out)
         return out.to(hidden_states.dtype).view(batch, seq, dim), stats
+
+    def _add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.shared_expert is None:
+            return out
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out + shared.to(out.dtype)
+
+    def _dispatch_traced(
+        self, x: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The dispatch under torch.compile / torch.export: the same result with static shapes and no host sync.
+
+        The eager path sizes its rows by how many slots hit weighted experts (`nonzero`, `bincount`, `tolist`: data-
+        dependent shapes that break a graph), and `grouped_mm`'s compile-time checks accept bf16 inputs only. Here
+        every (token, slot) pair keeps its row: each row's expert weights are gathered and applied by a batched
+        matmul, and slots routed to null experts (or dropped by top-p) are computed against expert 0 and weighted
+        by exactly 0. The cost: those slots' FLOPs, and the gathered weights ([N * k, 2F, D] at once), fine for the
+        small models this traces on CPU.
+        """
+        n_tokens, k = columns.shape
+        flat_columns = columns.reshape(-1)
+        computed = flat_columns < self.num_experts
+        if kept is not None:
+            computed = computed & kept.reshape(-1)
+        expert_of_row = torch.where(computed, flat_columns, 0)
+        token_of_row = torch.arange(n_tokens * k, device=x.device) // k
+        expert_out = self.experts.forward_gathered(x.index_select(0, token_of_row), expert_of_row)
+        row_weight = torch.where(computed, weights.reshape(-1), 0.0)
+        weighted = expert_out.to(weights.dtype) * row_weight[:, None]
+        out = torch.zeros(n_tokens, x.shape[1], device=x.device, dtype=weights.dtype).index_add_(
+            0, token_of_row, weighted
+        )
+        return self._add_shared(x, out)
 
     # ------------------------------------------------------------------ aux-loss-free balancing
     @torch.no_grad()
