@@ -371,6 +371,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="also write the report as JSON to OUT (per modality/task, overall, examples, routing)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own .py files (its auto_map) load the processor; off by default: a folder is read with this package's classes and none of its code runs")
     p.add_argument("--routing", action="store_true",
                    help="add a teacher-forced pass reporting each modality's routed probability mass per pool")
     p.set_defaults(handler=run)
@@ -381,7 +383,7 @@ def run(args: argparse.Namespace, rest=None) -> int:
 
     try:
         samples = load_split(args.data, args.split, args.limit)  # data errors first: no model load to wait for
-        model, processor = load_model_and_processor(args.checkpoint)
+        model, processor = load_model_and_processor(args.checkpoint, trust_remote_code=args.trust_remote_code)
     except (FileNotFoundError, ValueError) as exc:
         print(f"omni eval: error: {exc}", file=sys.stderr)
         return 2

@@ -61,6 +61,8 @@ def add_parser(sub) -> None:
     p.add_argument("--license", default="apache-2.0", help="license in the model card's front matter")
     p.add_argument("--base-model", default=None, metavar="REPO_ID",
                    help="base_model in the model card (default: the Hub model the recipe started from, if any)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own .py files (its auto_map) load the processor; off by default: a folder is read with this package's classes and none of its code runs")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--verify", choices=("full", "sizes"), default="full",
                    help="checkpoint manifest check: sha256 of every file (full) or sizes only")
@@ -121,7 +123,8 @@ def _drop_local_auto_mapping(adapter_config: Path) -> None:
 
 def export_model(source: str | Path, out: str | Path, *, merge_lora: bool = False, max_shard_size: str | int = "2GB",
                  tokenizer: str | Path | None = None, license: str = "apache-2.0", base_model: str | None = None,
-                 repo_id: str | None = None, overwrite: bool = False, verify: str = "full") -> ExportResult:
+                 repo_id: str | None = None, overwrite: bool = False, verify: str = "full",
+                 trust_remote_code: bool = False) -> ExportResult:
     """Write the HF folder for `source` (see the module docstring) at `out`."""
     from peft import PeftModel
     from transformers import GenerationConfig
@@ -132,7 +135,8 @@ def export_model(source: str | Path, out: str | Path, *, merge_lora: bool = Fals
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     if is_hf_folder(source):
-        model, processor = load_model_and_processor(source, merge_lora=merge_lora, tokenizer=tokenizer)
+        model, processor = load_model_and_processor(source, merge_lora=merge_lora, tokenizer=tokenizer,
+                                                    trust_remote_code=trust_remote_code)
         run, step = locate_run(source), None
     else:
         spec = read_checkpoint_spec(resolve_checkpoint(source), verify=verify)
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace, rest=None) -> int:
         result = export_model(args.checkpoint, args.out, merge_lora=args.merge_lora,
                               max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, license=args.license,
                               base_model=args.base_model, repo_id=args.push_to_hub, overwrite=args.overwrite,
-                              verify=args.verify)
+                              verify=args.verify, trust_remote_code=args.trust_remote_code)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as err:
         print(f"omni export: {err}", file=sys.stderr)
         return 1
