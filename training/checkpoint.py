@@ -2,7 +2,8 @@
 
 Layout under `root`: `step-000012/` (published: `rank-NNNNN/` per-rank files, shared files written by rank 0,
 `metadata.json`, `manifest.json` with every file's size and sha256, and `COMMITTED`, written LAST, holding the sha256
-of manifest.json); `.staging-step-000012/` (being written) and `.deleting-*` (being pruned) are never loaded.
+of manifest.json); `.staging-[RUNID-]step-000012/` (being written; RUNID: the run writing it, training/run_lock.py)
+and `.deleting-*` (being pruned) are never loaded.
 
 Protocol (`begin` -> every rank writes under `ckpt.path` -> `commit`): in `commit`, after a barrier each rank hashes
 the files it owns (those under its `rank-NNNNN/`; rank 0 owns everything else) into a per-rank manifest and fsyncs
@@ -292,7 +293,7 @@ class CheckpointManager:
     `latest_valid`: "full" (sha256 of every byte) or "sizes" (cheap: catches truncation and missing files only)."""
 
     def __init__(self, root: str | os.PathLike, keep_last: int | None = 3, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], Any] | None = None, verify_on_load: str = "full"):
+                 barrier: Callable[[], Any] | None = None, verify_on_load: str = "full", run_id: str = ""):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"CheckpointManager: keep_last must be >= 1 or None (keep all), got {keep_last}")
         if not 0 <= rank < world_size:
@@ -304,6 +305,9 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         self.verify_on_load = verify_on_load
+        if run_id and not re.fullmatch(r"[A-Za-z0-9_-]+", run_id):
+            raise ValueError(f"CheckpointManager: run_id must be letters, digits, '_' or '-', got {run_id!r}")
+        self.run_id = run_id  # in staging names: two writers never share a staging folder
         self._barrier = barrier or (lambda: None)
 
     # ---------------------------------------------------------------- writing
@@ -311,7 +315,7 @@ class CheckpointManager:
         """Rank 0 deletes leftovers of crashed writes and creates a fresh staging folder; all ranks then get it."""
         if step < 0:
             raise ValueError(f"CheckpointManager.begin: step must be >= 0, got {step}")
-        staging = self.root / f"{STAGING_PREFIX}{step_dir_name(step)}"
+        staging = self.root / f"{STAGING_PREFIX}{self.run_id + '-' if self.run_id else ''}{step_dir_name(step)}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()

@@ -66,6 +66,7 @@ class RunSettings:
     timeout_s: float = 1800.0
     stop_after_steps: int | None = None  # leave after this many steps in this call (checkpoint saved)
     tensorboard: bool = True
+    run_id: str = ""  # names this run's checkpoint staging folders (training/run_lock.py: one run per output folder)
 
 
 @dataclass
@@ -140,7 +141,7 @@ def train_stage(
     engine = setup.engine
     config = model.config
     manager = CheckpointManager(stage_dir / "checkpoints", keep_last=run.keep_last, rank=rank, world_size=world,
-                                barrier=_barrier if dist.is_initialized() else None)
+                                barrier=_barrier if dist.is_initialized() else None, run_id=run.run_id)
     state = TrainingState(step=0, stage=stage.name)
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
