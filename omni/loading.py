@@ -184,8 +184,7 @@ def _place_lora_factor(key: str, full: torch.Tensor, local: torch.Tensor, ids: l
 def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full single-device state dict for the keys/shapes/dtypes of `expected` (a meta model's state dict),
     read from the checkpoint's files. Each tensor is allocated once; experts are copied in one at a time."""
-    from safetensors import safe_open
-
+    from training.checkpoint import SafetensorsFile
     from training.checkpointing import EXPERT_SEPARATOR
     from training.expert_parallel import global_expert_ids, is_expert_key
 
@@ -197,7 +196,7 @@ def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor
     num_global = spec.config.num_routed_experts
     state: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
-        dense = stack.enter_context(safe_open(str(dense_file), framework="pt"))
+        dense = stack.enter_context(SafetensorsFile(dense_file))
         dense_keys = set(dense.keys())
         handles: dict[int, tuple[Any, set[str]]] = {}  # EP rank -> (open file, its tensor names), opened lazily
 
@@ -206,7 +205,7 @@ def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor
                 raise ValueError(f"{path}: layout names no expert file for EP rank {ep_rank} "
                                  f"(has {sorted(expert_files)}; saved at EP={saved_ep})")
             if ep_rank not in handles:
-                handle = stack.enter_context(safe_open(str(expert_files[ep_rank]), framework="pt"))
+                handle = stack.enter_context(SafetensorsFile(expert_files[ep_rank]))
                 handles[ep_rank] = handle, set(handle.keys())
             handle, names = handles[ep_rank]
             if name not in names:
@@ -386,6 +385,9 @@ def load_model_and_processor(path: str | Path, *, dtype: torch.dtype | None = No
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder or checkpoint")
     if is_hf_folder(path):
+        from training.checkpoint import check_safetensors_files
+
+        check_safetensors_files(path)  # transformers' error would name no file
         model = OmniMoeForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
         # the folder's auto_map names its files, not ours: saving this model (an export) writes our own entries
         model.config.auto_map = None

@@ -182,6 +182,55 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     return path
 
 
+class CorruptFileError(ValueError):
+    """A weights file that does not decode (not safetensors, a broken header, truncated data); names the file."""
+
+
+class SafetensorsFile:
+    """`safetensors.safe_open` whose every decode failure is a CorruptFileError naming the file and the reason
+    (safetensors' own errors name neither). Reads a JSON header and raw bytes: no code in the file can run.
+
+        with SafetensorsFile(path) as handle:
+            tensor = handle.get_tensor(name)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such weights file")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu").__enter__()
+        except Exception as err:  # SafetensorError and friends: not safetensors, bad header
+            raise CorruptFileError(f"{self.path}: not a readable safetensors file ({err})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as err:  # e.g. data cut short after a valid header
+            raise CorruptFileError(f"{self.path}: tensor {name!r} does not decode ({err})") from None
+
+    def close(self) -> None:
+        self._handle.__exit__(None, None, None)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_safetensors_files(folder: str | os.PathLike) -> None:
+    """Open the header of every *.safetensors under `folder` (cheap: no tensor is read): CorruptFileError names
+    the first that does not decode, before a loader that would not name it reads them."""
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        SafetensorsFile(path).close()
+
+
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file. Anything else (a pickle posing as a checkpoint file) raises ValueError naming the
     file; safetensors reads a JSON header and raw bytes, so no code in the file can run."""
@@ -191,7 +240,7 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     try:
         return load_file(str(path), device=device)
     except Exception as err:  # SafetensorError: bad header / truncated / not safetensors at all
-        raise ValueError(f"load_tensors: {path} is not a valid safetensors file: {err}") from err
+        raise CorruptFileError(f"load_tensors: {path} is not a valid safetensors file: {err}") from err
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
@@ -532,6 +581,7 @@ class CheckpointManager:
 
 __all__ = [
     "COMMITTED", "MANIFEST", "METADATA", "CheckpointCommitError", "CheckpointIntegrityError", "CheckpointManager",
+    "CorruptFileError", "SafetensorsFile", "check_safetensors_files",
     "StagedCheckpoint", "TrainingState", "load_tensors", "read_json", "safe_torch_load", "save_tensors",
     "scrub_secrets", "secret_env_values", "sha256_file", "step_dir_name", "write_json",
 ]
