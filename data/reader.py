@@ -29,6 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .media import (
     AUDIO_EXTENSIONS,
+    DEFAULT_AUDIO_RATE,
     IMAGE_EXTENSIONS,
     PICKLE_EXTENSIONS,
     VIDEO_CONTAINER_EXTENSIONS,
@@ -126,7 +127,7 @@ def _checked_name(name: str, allowed: frozenset, what: str) -> str:
     return name
 
 
-def decode_raw_sample(raw: dict, *, audio_sampling_rate: int | None = 16000, max_length: int | None = None,
+def decode_raw_sample(raw: dict, *, audio_sampling_rate: int | None = DEFAULT_AUDIO_RATE, max_length: int | None = None,
                       length_fn: Callable[[dict], int] | None = None) -> dict:
     """Check and decode one raw shard sample. Raises `SampleRejected` naming the reason."""
     if "__error__" in raw:
@@ -229,7 +230,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: str | Path | Sequence[str | Path], *, rank: int | None = None,
                  world_size: int | None = None, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
-                 transform: Callable[[dict], Any] | None = None, audio_sampling_rate: int | None = 16000,
+                 transform: Callable[[dict], Any] | None = None, audio_sampling_rate: int | None = DEFAULT_AUDIO_RATE,
                  max_length: int | None = None, length_fn: Callable[[dict], int] | None = None,
                  policy: DropPolicy | None = None):
         super().__init__()

@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -26,17 +26,19 @@ from webdataset import TarWriter
 from .importers import count_manifest_records, read_manifest, to_canonical
 from .media import (
     AUDIO_EXTENSIONS,
+    DEFAULT_AUDIO_RATE,
+    DEFAULT_LIMITS,
     IMAGE_EXTENSIONS,
     VIDEO_CONTAINER_EXTENSIONS,
     decode_audio,
     decode_image,
     decode_video_container,
+    MediaLimits,
     extension,
 )
+from .media_files import read_media_file
 from .quality import (
     DUPLICATE_ID,
-    MISSING_MEDIA,
-    UNSAFE_PATH,
     UNSUPPORTED_MEDIA,
     VIDEO_DECODE,
     DropCounters,
@@ -65,29 +67,19 @@ def shard_key(sample_id: str) -> str:
     return f"{safe[:48]}_{hashlib.sha1(sample_id.encode('utf-8')).hexdigest()[:12]}"
 
 
-def _media_path(media_root: Path, relative: str, what: str) -> Path:
-    pure = PurePosixPath(relative)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in relative:
-        raise SampleRejected(UNSAFE_PATH, f"{what} path {relative!r} must be relative to the media root, without '..'")
-    return media_root.joinpath(*pure.parts)
-
-
-def _read_media(media_root: Path, relative: str, what: str, allowed: frozenset) -> tuple[bytes, str]:
-    ext = extension(relative)
+def _read_media(media_root: Path, relative: str, what: str, allowed: frozenset,
+                limits: MediaLimits) -> tuple[bytes, str]:
+    ext = extension(relative) if isinstance(relative, str) else ""
     if ext not in allowed:
         raise SampleRejected(UNSUPPORTED_MEDIA,
                              f"{what} {relative!r}: extension {ext!r} is not one of {sorted(allowed)}")
-    path = _media_path(media_root, relative, what)
-    try:
-        return path.read_bytes(), ext
-    except FileNotFoundError:
-        raise SampleRejected(MISSING_MEDIA, f"{what} {relative!r} does not exist under the media root") from None
-    except OSError as exc:
-        raise SampleRejected(MISSING_MEDIA, f"{what} {relative!r} cannot be read ({exc})") from None
+    return read_media_file(media_root, relative, what, limits), ext
 
 
-def pack_sample(sample: dict, media_root: Path) -> tuple[dict[str, bytes], dict]:
-    """Read and decode-check every media file of a validated sample.
+def pack_sample(sample: dict, media_root: Path, *, audio_sampling_rate: int | None = DEFAULT_AUDIO_RATE,
+                limits: MediaLimits = DEFAULT_LIMITS) -> tuple[dict[str, bytes], dict]:
+    """Read and decode-check every media file of a validated sample, exactly as the reader will decode it (audio
+    resampled to `audio_sampling_rate`, the reader's default), so what the build accepts the reader can read.
 
     Returns the shard members (name after the key -> bytes, including "json") and a media count.
     """
@@ -96,29 +88,29 @@ def pack_sample(sample: dict, media_root: Path) -> tuple[dict[str, bytes], dict]
     stored.update(images=[], videos=[], audios=[])
     frames_total = 0
     for i, rel in enumerate(sample["images"]):
-        data, ext = _read_media(media_root, rel, f"images[{i}]", IMAGE_EXTENSIONS)
-        decode_image(data, f"images[{i}] {rel!r}")
+        data, ext = _read_media(media_root, rel, f"images[{i}]", IMAGE_EXTENSIONS, limits)
+        decode_image(data, f"images[{i}] {rel!r}", limits=limits)
         members[f"image{i}.{ext}"] = data
         stored["images"].append(f"image{i}.{ext}")
     for i, video in enumerate(sample["videos"]):
         if isinstance(video, str):
-            data, ext = _read_media(media_root, video, f"videos[{i}]", VIDEO_CONTAINER_EXTENSIONS)
-            frames, _ = decode_video_container(data, f"videos[{i}] {video!r}")
+            data, ext = _read_media(media_root, video, f"videos[{i}]", VIDEO_CONTAINER_EXTENSIONS, limits)
+            frames, _ = decode_video_container(data, f"videos[{i}] {video!r}", limits=limits)
             frames_total += len(frames)
             members[f"video{i}.{ext}"] = data
             stored["videos"].append(f"video{i}.{ext}")
             continue
         names = []
         for j, rel in enumerate(video):
-            data, ext = _read_media(media_root, rel, f"videos[{i}] frame {j}", IMAGE_EXTENSIONS)
-            decode_image(data, f"videos[{i}] frame {j} {rel!r}", reason=VIDEO_DECODE)
+            data, ext = _read_media(media_root, rel, f"videos[{i}] frame {j}", IMAGE_EXTENSIONS, limits)
+            decode_image(data, f"videos[{i}] frame {j} {rel!r}", reason=VIDEO_DECODE, limits=limits)
             names.append(f"video{i}.frame{j:03d}.{ext}")
             members[names[-1]] = data
         frames_total += len(video)
         stored["videos"].append(names)
     for i, rel in enumerate(sample["audios"]):
-        data, ext = _read_media(media_root, rel, f"audios[{i}]", AUDIO_EXTENSIONS)
-        decode_audio(data, f"audios[{i}] {rel!r}")
+        data, ext = _read_media(media_root, rel, f"audios[{i}]", AUDIO_EXTENSIONS, limits)
+        decode_audio(data, f"audios[{i}] {rel!r}", target_rate=audio_sampling_rate, limits=limits)
         members[f"audio{i}.{ext}"] = data
         stored["audios"].append(f"audio{i}.{ext}")
     members["json"] = json.dumps(stored, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -209,6 +201,8 @@ def build_shards(
     length_fn: Callable[[dict], int] | None = None,
     policy: DropPolicy | None = None,
     progress: bool = True,
+    audio_sampling_rate: int | None = DEFAULT_AUDIO_RATE,
+    limits: MediaLimits = DEFAULT_LIMITS,
 ) -> dict:
     """Validate, decode-check and pack every manifest sample into tar shards; write `index.json`.
 
@@ -251,7 +245,8 @@ def build_shards(
                 if key in keys:
                     raise SampleRejected(DUPLICATE_ID, f"id {sample['id']!r} maps to shard key {key!r}, "
                                          f"already used by {keys[key]}")
-                members, counts = pack_sample(sample, media_root)
+                members, counts = pack_sample(sample, media_root, audio_sampling_rate=audio_sampling_rate,
+                                              limits=limits)
             except SampleRejected as exc:
                 named = sample_id if isinstance(sample_id, str) else None
                 rejected.append({"where": entry.where, "id": named, "reason": exc.reason, "message": exc.detail})

@@ -39,6 +39,22 @@ def wav_bytes(channels: list[np.ndarray], rate: int) -> bytes:
     return buffer.getvalue()
 
 
+def mp4_bytes(frames: int, fps: int = 8, size: int = 32) -> bytes:
+    """An mpeg4 clip of `frames` frames (frame i filled with gray level 6 * i) through PyAV (the 'video' extra)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            pixels = np.full((size, size, 3), 6 * i % 256, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
 def write(path: Path, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

@@ -285,6 +285,8 @@ def add_parser(sub) -> None:
                    help="cuda, cuda:N or cpu; default cuda if available else cpu (plain 'cuda' = device_map auto)")
     p.add_argument("--tokenizer", metavar="FOLDER",
                    help="tokenizer folder for a training checkpoint moved out of its run folder")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own .py files (its auto_map) load the processor; off by default: a folder is read with this package's classes and none of its code runs")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     p.set_defaults(handler=run)
@@ -295,7 +297,8 @@ def _settings_from_args(args) -> GenerationSettings:
     return GenerationSettings().updated([*assignments, f"do_sample={args.do_sample}"])
 
 
-def load_for_chat(path: str, device: str | None = None, dtype: str = "auto", tokenizer: str | None = None):
+def load_for_chat(path: str, device: str | None = None, dtype: str = "auto", tokenizer: str | None = None,
+                  trust_remote_code: bool = False):
     """(model, processor) on `device`; a bare "cuda" spreads the model over the GPUs with accelerate."""
     from omni.loading import load_model_and_processor
 
@@ -305,7 +308,8 @@ def load_for_chat(path: str, device: str | None = None, dtype: str = "auto", tok
         torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    model, processor = load_model_and_processor(path, dtype=torch_dtype, tokenizer=tokenizer)
+    model, processor = load_model_and_processor(path, dtype=torch_dtype, tokenizer=tokenizer,
+                                                trust_remote_code=trust_remote_code)
     if device == "cuda":
         from accelerate import dispatch_model, infer_auto_device_map
 
@@ -442,7 +446,8 @@ def run(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         return 2
     terminal = _Terminal(args)
     try:
-        model, processor = load_for_chat(args.path, args.device, args.dtype, args.tokenizer)
+        model, processor = load_for_chat(args.path, args.device, args.dtype, args.tokenizer,
+                                         trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing/unverifiable model: say why, no traceback
         _error(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
         return 1

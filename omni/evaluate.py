@@ -28,7 +28,7 @@ import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
@@ -40,6 +40,7 @@ from data.media import (
     decode_video_container,
     decode_video_frames,
 )
+from data.media_files import read_media_file
 from data.quality import SampleRejected
 from data.schema import primary_modality, to_processor_messages, validate_sample
 from data.synth import score, word_accuracy
@@ -80,15 +81,8 @@ def sample_task(sample: dict) -> str:
 
 
 def _media_file(data_dir: Path, relative: str, sample: dict) -> bytes:
-    if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
-        # the same rule as the shard builder: a manifest names files inside its dataset folder only
-        raise ValueError(f"sample {sample['id']!r}: media path {relative!r} must be relative to {data_dir}, "
-                         f"without '..'")
-    path = data_dir / relative
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise FileNotFoundError(f"sample {sample['id']!r}: cannot read media file {path} ({exc})") from None
+    # the shard builder's rule (data/media_files.py): a regular file inside the dataset folder, within the caps
+    return read_media_file(data_dir, relative, f"sample {sample['id']!r}: media file")
 
 
 def load_media(sample: dict, data_dir: str | Path, audio_sampling_rate: int = 16000) -> dict:
@@ -371,6 +365,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="also write the report as JSON to OUT (per modality/task, overall, examples, routing)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own .py files (its auto_map) load the processor; off by default: a folder is read with this package's classes and none of its code runs")
     p.add_argument("--routing", action="store_true",
                    help="add a teacher-forced pass reporting each modality's routed probability mass per pool")
     p.set_defaults(handler=run)
@@ -381,7 +377,7 @@ def run(args: argparse.Namespace, rest=None) -> int:
 
     try:
         samples = load_split(args.data, args.split, args.limit)  # data errors first: no model load to wait for
-        model, processor = load_model_and_processor(args.checkpoint)
+        model, processor = load_model_and_processor(args.checkpoint, trust_remote_code=args.trust_remote_code)
     except (FileNotFoundError, ValueError) as exc:
         print(f"omni eval: error: {exc}", file=sys.stderr)
         return 2

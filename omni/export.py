@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
                               "or written. HF_ENDPOINT selects another Hub endpoint.")
     p.add_argument("checkpoint", help="training checkpoint folder (or a stage / run folder: its latest valid "
                                       "checkpoint; or an exported folder)")
-    p.add_argument("out", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("out", help="output folder (must not exist or be empty; --overwrite replaces a previous export)")
     p.add_argument("--merge-lora", action="store_true",
                    help="fold the LoRA adapter into the weights (default: base weights + a PEFT adapter in adapter/)")
     p.add_argument("--max-shard-size", default="2GB",
@@ -61,7 +61,11 @@ def add_parser(sub) -> None:
     p.add_argument("--license", default="apache-2.0", help="license in the model card's front matter")
     p.add_argument("--base-model", default=None, metavar="REPO_ID",
                    help="base_model in the model card (default: the Hub model the recipe started from, if any)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own .py files (its auto_map) load the processor; off by default: a folder is read with this package's classes and none of its code runs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it is a previous `omni export` folder (never the source, a folder holding "
+                        "it, or any other folder); the new export is written aside and swapped in")
     p.add_argument("--verify", choices=("full", "sizes"), default="full",
                    help="checkpoint manifest check: sha256 of every file (full) or sizes only")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
@@ -119,9 +123,62 @@ def _drop_local_auto_mapping(adapter_config: Path) -> None:
     adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# what an export of ours holds (besides the model's *.safetensors shards and the modeling .py files)
+_EXPORT_FILES = {"config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                 "processor_config.json", "chat_template.jinja", "README.md", INDEX_FILE, ADAPTER_DIR,
+                 "special_tokens_map.json", "preprocessor_config.json"}
+
+
+def _is_our_export(folder: Path) -> bool:
+    """A folder `omni export` wrote: the export contract's files, an omni_moe config, our model card, and nothing
+    that is not an export file (a run folder, a stage's model/ or any other folder fails this)."""
+    try:
+        _check_folder(folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        card = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return False
+    foreign = [p.name for p in folder.iterdir() if p.name not in _EXPORT_FILES
+               and not p.name.endswith((".safetensors", ".py"))]
+    return config.get("model_type") == "omni_moe" and "- omni-moe" in card.split("\n---", 1)[0] and not foreign
+
+
+def _check_out(source: Path, out: Path, overwrite: bool, inside_allowed: bool = False) -> None:
+    """Refuse an OUT that would destroy the source or anything that is not a previous export."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src.is_relative_to(dst):
+        raise FileExistsError(f"{out}: is or contains the source {source}; export to another folder")
+    if dst.is_relative_to(src) and not inside_allowed:
+        raise FileExistsError(f"{out}: is inside the source {source}; export to another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace a previous export)")
+        if not _is_our_export(out):
+            raise FileExistsError(f"{out}: --overwrite replaces only a previous `omni export` folder, and this is "
+                                  "not one (it holds other files or misses the export's); choose another OUT")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished export into place; an old export is moved aside first and deleted only after the new
+    one is in place (put back if the swap fails)."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_model(source: str | Path, out: str | Path, *, merge_lora: bool = False, max_shard_size: str | int = "2GB",
                  tokenizer: str | Path | None = None, license: str = "apache-2.0", base_model: str | None = None,
-                 repo_id: str | None = None, overwrite: bool = False, verify: str = "full") -> ExportResult:
+                 repo_id: str | None = None, overwrite: bool = False, verify: str = "full",
+                 trust_remote_code: bool = False) -> ExportResult:
     """Write the HF folder for `source` (see the module docstring) at `out`."""
     from peft import PeftModel
     from transformers import GenerationConfig
@@ -129,16 +186,18 @@ def export_model(source: str | Path, out: str | Path, *, merge_lora: bool = Fals
     from omni.model_card import render_model_card
 
     source, out = Path(source), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    # OUT may lie inside a run or stage folder given as the source, never inside the folder the weights come from
+    _check_out(source, out, overwrite, inside_allowed=not is_hf_folder(source))
     if is_hf_folder(source):
-        model, processor = load_model_and_processor(source, merge_lora=merge_lora, tokenizer=tokenizer)
+        model, processor = load_model_and_processor(source, merge_lora=merge_lora, tokenizer=tokenizer,
+                                                    trust_remote_code=trust_remote_code)
         run, step = locate_run(source), None
     else:
         spec = read_checkpoint_spec(resolve_checkpoint(source), verify=verify)
         model = load_checkpoint_model(spec, merge_lora=merge_lora)
         processor = checkpoint_processor(spec, tokenizer)
         run, step, source = locate_run(spec.path), spec.step, spec.path
+        _check_out(source, out, overwrite)  # the checkpoint the stage / run folder resolved to
 
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -161,9 +220,7 @@ def export_model(source: str | Path, out: str | Path, *, merge_lora: bool = Fals
                                  parameters=_parameter_counts(model))
         (staging / "README.md").write_text(card, encoding="utf-8")
         shards = _check_folder(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -178,7 +235,7 @@ def run(args: argparse.Namespace, rest=None) -> int:
         result = export_model(args.checkpoint, args.out, merge_lora=args.merge_lora,
                               max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, license=args.license,
                               base_model=args.base_model, repo_id=args.push_to_hub, overwrite=args.overwrite,
-                              verify=args.verify)
+                              verify=args.verify, trust_remote_code=args.trust_remote_code)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as err:
         print(f"omni export: {err}", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@
 
 Used by `omni eval`, `omni chat` and `omni export`. Neither path needs DeepSpeed or a process group.
 
-An exported folder is read with our own classes (the same code the folder ships for `trust_remote_code`); an
+An exported folder is read with our own classes (the same code the folder ships for `trust_remote_code`), never with
+the .py files its `auto_map` names unless the caller passes `trust_remote_code=True` (`--trust-remote-code`); an
 `adapter/` subfolder (a PEFT adapter exported beside the base) is applied, merged unless `merge_lora=False`.
 
 A training checkpoint (`training/checkpointing.py`) is read directly from its files, after its manifest verifies:
@@ -24,6 +25,7 @@ exactly as `omni train` builds it. Pass `tokenizer=FOLDER` when the checkpoint w
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,8 +184,7 @@ def _place_lora_factor(key: str, full: torch.Tensor, local: torch.Tensor, ids: l
 def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full single-device state dict for the keys/shapes/dtypes of `expected` (a meta model's state dict),
     read from the checkpoint's files. Each tensor is allocated once; experts are copied in one at a time."""
-    from safetensors import safe_open
-
+    from training.checkpoint import SafetensorsFile
     from training.checkpointing import EXPERT_SEPARATOR
     from training.expert_parallel import global_expert_ids, is_expert_key
 
@@ -195,7 +196,7 @@ def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor
     num_global = spec.config.num_routed_experts
     state: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
-        dense = stack.enter_context(safe_open(str(dense_file), framework="pt"))
+        dense = stack.enter_context(SafetensorsFile(dense_file))
         dense_keys = set(dense.keys())
         handles: dict[int, tuple[Any, set[str]]] = {}  # EP rank -> (open file, its tensor names), opened lazily
 
@@ -204,7 +205,7 @@ def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor
                 raise ValueError(f"{path}: layout names no expert file for EP rank {ep_rank} "
                                  f"(has {sorted(expert_files)}; saved at EP={saved_ep})")
             if ep_rank not in handles:
-                handle = stack.enter_context(safe_open(str(expert_files[ep_rank]), framework="pt"))
+                handle = stack.enter_context(SafetensorsFile(expert_files[ep_rank]))
                 handles[ep_rank] = handle, set(handle.keys())
             handle, names = handles[ep_rank]
             if name not in names:
@@ -312,29 +313,92 @@ def checkpoint_processor(spec: CheckpointSpec, tokenizer: str | Path | None = No
     return OmniMoeProcessor.from_config(spec.config, PreTrainedTokenizerFast.from_pretrained(str(source)))
 
 
+# ----------------------------------------------------------------------------------------- an exported folder
+# The sub-processors `omni train` builds (modeling/processing_omni.py: _default_image_processor,
+# _default_feature_extractor), by the type name they are saved under. The PIL image processors are the ones training
+# used, whichever backends are installed.
+_IMAGE_PROCESSORS = {"clip": "CLIPImageProcessorPil", "siglip": "SiglipImageProcessorPil"}
+_FEATURE_EXTRACTORS = {"whisperfeatureextractor": "WhisperFeatureExtractor"}
+_SUB_PROCESSORS = {"image_processor": ("image_processor_type", _IMAGE_PROCESSORS),
+                   "feature_extractor": ("feature_extractor_type", _FEATURE_EXTRACTORS)}
+
+
+def _sub_processor(folder: Path, name: str, saved: dict):
+    """One sub-processor from its saved settings, built by a transformers class we name (never the folder's)."""
+    import transformers
+
+    type_key, classes = _SUB_PROCESSORS[name]
+    saved_type = str(saved.get(type_key, ""))
+    class_name = next((cls for prefix, cls in classes.items() if saved_type.lower().startswith(prefix)), None)
+    if class_name is None:
+        raise ValueError(f"{folder}: processor_config.json's {name} is a {saved_type!r}, not one this package builds "
+                         f"({sorted(classes.values())}); pass --trust-remote-code to let the folder's own code load "
+                         "it")
+    settings = {key: value for key, value in saved.items() if key != "auto_map"}  # auto_map names folder code
+    return getattr(transformers, class_name).from_dict(settings)
+
+
+def folder_processor(folder: str | Path, *, trust_remote_code: bool = False):
+    """OmniMoeProcessor for an exported folder.
+
+    By default everything is built from our own classes: the settings and sub-processors from
+    processor_config.json, the tokenizer by the fast-tokenizer class directly. `auto_map` entries (which name .py
+    files in the folder) are ignored, so no code from the folder runs. `trust_remote_code=True` hands the folder to
+    transformers' Auto machinery, which imports the classes its `auto_map` names."""
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling.processing_omni import OPTIONAL_SUB_PROCESSORS, OmniMoeProcessor
+
+    folder = Path(folder)
+    if trust_remote_code:
+        return OmniMoeProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    if not (folder / "processor_config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no processor_config.json (not an exported model folder)")
+    saved, _ = OmniMoeProcessor.get_processor_dict(str(folder))
+    sub_processors = {}
+    for name in OPTIONAL_SUB_PROCESSORS:
+        settings = saved.get(name)
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"{folder / 'processor_config.json'}: {name} is {type(settings).__name__}, expected "
+                             "an object or null")
+        sub_processors[name] = None if settings is None else _sub_processor(folder, name, settings)
+    parameters = inspect.signature(OmniMoeProcessor.__init__).parameters
+    settings = {key: saved[key] for key in parameters
+                if key in saved and key not in ("self", "kwargs", "tokenizer", *OPTIONAL_SUB_PROCESSORS)}
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tokenizer.init_kwargs.pop("auto_map", None)  # saved back by save_pretrained otherwise (an export of this folder)
+    return OmniMoeProcessor(tokenizer=tokenizer, **sub_processors, **settings)
+
+
 # ----------------------------------------------------------------------------------------- the entry point
 def load_model_and_processor(path: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None,
-                             merge_lora: bool = True, tokenizer: str | Path | None = None, verify: str = "full"):
+                             merge_lora: bool = True, tokenizer: str | Path | None = None, verify: str = "full",
+                             trust_remote_code: bool = False):
     """(model in eval mode, processor) from an exported folder or a training checkpoint (see the module
-    docstring). `merge_lora=False` returns a peft.PeftModel when the source carries an adapter."""
+    docstring). `merge_lora=False` returns a peft.PeftModel when the source carries an adapter.
+
+    Nothing from the folder is executed unless `trust_remote_code=True` (then only the processor is loaded
+    through the folder's `auto_map`; the model is always our own class)."""
     from modeling.modeling_omni import OmniMoeForCausalLM
-    from modeling.processing_omni import OmniMoeProcessor
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder or checkpoint")
     if is_hf_folder(path):
+        from training.checkpoint import check_safetensors_files
+
+        check_safetensors_files(path)  # transformers' error would name no file
         model = OmniMoeForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+        # the folder's auto_map names its files, not ours: saving this model (an export) writes our own entries
+        model.config.auto_map = None
         if (path / ADAPTER_DIR / "adapter_config.json").is_file():
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(path / ADAPTER_DIR))
             if merge_lora:
                 model = model.merge_and_unload()
-        # the tokenizer config names our processor in `auto_map`, which makes AutoTokenizer ask whether to run the
-        # folder's code; nothing from the folder runs here (our own classes load it), so answer for the user
-        source = Path(tokenizer) if tokenizer is not None else path
-        processor = OmniMoeProcessor.from_pretrained(str(source), trust_remote_code=True)
+        processor = folder_processor(Path(tokenizer) if tokenizer is not None else path,
+                                     trust_remote_code=trust_remote_code)
     else:
         spec = read_checkpoint_spec(resolve_checkpoint(path), verify=verify)
         model = load_checkpoint_model(spec, merge_lora=merge_lora, dtype=dtype)
@@ -345,7 +409,8 @@ def load_model_and_processor(path: str | Path, *, dtype: torch.dtype | None = No
 
 
 __all__ = [
-    "ADAPTER_DIR", "CheckpointSpec", "RunLocation", "checkpoint_processor", "checkpoint_state_dict", "is_hf_folder",
+    "ADAPTER_DIR", "CheckpointSpec", "RunLocation", "checkpoint_processor", "checkpoint_state_dict",
+    "folder_processor", "is_hf_folder",
     "is_training_checkpoint", "load_checkpoint_model", "load_model_and_processor", "locate_run",
     "read_checkpoint_spec", "resolve_checkpoint", "tokenizer_source",
 ]

@@ -24,6 +24,7 @@ from data.media import (
     decode_video_frames,
     extension,
 )
+from data.media_files import read_regular_file
 from data.quality import MediaDecoderUnavailable, SampleRejected
 
 MEDIA_KINDS = ("image", "audio", "video")
@@ -63,10 +64,9 @@ def _natural_key(path: Path) -> list:
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise AttachmentError(path, exc.strerror or str(exc)) from None
+    """A regular file within the size cap of the decode contract (data/media_files.py): a FIFO or device never
+    blocks the chat. Raises SampleRejected, turned into AttachmentError by the caller."""
+    return read_regular_file(path, "the file")
 
 
 def _supported(kind: str) -> str:
@@ -83,7 +83,7 @@ def load_attachment(kind: str, path: str | Path, processor) -> Attachment:
         raise AttachmentError(path, f"unknown attachment kind {kind!r}; expected one of {MEDIA_KINDS}")
     shown = str(path)
     path = Path(path).expanduser()
-    if not path.exists():
+    if "\x00" in str(path) or not path.exists():
         raise AttachmentError(shown, "no such file or directory")
     suffix = extension(path.name)
     if path.is_dir() and kind != "video":

@@ -15,7 +15,8 @@ rank on CPU. In each rank, per stage:
     export     experts gathered from every EP rank, LoRA merged -> OUTPUT/<stage>/model (a HF folder), then
                OUTPUT/<stage>/DONE.json marks the stage complete; a re-run skips it
 
-Layout of OUTPUT (`run.output_dir`): recipe.yaml (the resolved recipe), tokenizer/ (when trained here), and per
+Layout of OUTPUT (`run.output_dir`): .omni-run.lock (held by the run using it: training/run_lock.py; a second run on
+the folder exits at once naming the holder), recipe.yaml (the resolved recipe), tokenizer/ (when trained here), and per
 stage: checkpoints/, tensorboard/, losses.jsonl (rank 0: step and loss of every step run), model/, DONE.json.
 """
 
@@ -35,6 +36,7 @@ import yaml
 from omni.dry_run import dry_run_report
 from omni.recipe import Recipe, RecipeError, load_recipe
 from omni.recipe_paths import check_recipe_paths
+from training.run_lock import RUN_ID_ENV, RunLock, RunLockHeld, held_by_run
 
 DONE_FILE = "DONE.json"
 READY_FILE = "READY.json"  # a finished synthetic dataset
@@ -71,24 +73,43 @@ def run(args: argparse.Namespace, rest=None) -> int:
             return 2
         return 0
     launched = "RANK" in os.environ or "WORLD_SIZE" in os.environ
-    if not launched:
+    if launched:  # a rank of a torchrun job: rank 0 takes (or inherits) the output folder's lock in train()
+        try:
+            return train(recipe)
+        except RunLockHeld as exc:
+            print(f"omni train: {exc}", file=sys.stderr)
+            return 3
+    try:  # one run per output folder, taken before anything is written (training/run_lock.py)
+        lock = RunLock(recipe.run.output_dir).acquire()
+    except RunLockHeld as exc:
+        print(f"omni train: {exc}", file=sys.stderr)
+        return 3
+    try:
         prepare_synth_data(recipe)
-    if not launched and recipe.run.nproc_per_node > 1:
-        code = relaunch_with_torchrun(args.recipe, args.overrides, recipe.run.nproc_per_node)
-    else:
-        code = train(recipe)
-    if code == 0 and not launched:
-        from omni.run_summary import finish_run
+        if recipe.run.nproc_per_node > 1:
+            code = relaunch_with_torchrun(args.recipe, args.overrides, recipe.run.nproc_per_node, run_id=lock.run_id)
+        else:
+            code = train(recipe, run_lock=lock)
+        if code == 0:
+            from omni.run_summary import finish_run
 
-        finish_run(recipe)  # eval table, OUTPUT/export, chat answers (once the last stage is done)
+            finish_run(recipe)  # eval table, OUTPUT/export, chat answers (once the last stage is done)
+    except (RunLockHeld, SynthDataConflict) as exc:
+        print(f"omni train: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        lock.release()
     return code
 
 
-def relaunch_with_torchrun(recipe_path: str, overrides: list[str], nproc: int) -> int:
-    """`torchrun --standalone --nproc_per_node N -m omni.cli train RECIPE ...`; returns its exit code."""
+def relaunch_with_torchrun(recipe_path: str, overrides: list[str], nproc: int, run_id: str | None = None) -> int:
+    """`torchrun --standalone --nproc_per_node N -m omni.cli train RECIPE ...`; returns its exit code. `run_id`: the
+    run whose lock this process holds on the output folder (rank 0 checks it instead of taking the lock)."""
     import torch
 
     env = dict(os.environ)
+    if run_id is not None:
+        env[RUN_ID_ENV] = run_id
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", "1")  # N ranks sharing the cores: one thread each (GUIDE §6: ~10x faster)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -116,20 +137,31 @@ def prepare_synth_data(recipe: Recipe) -> None:
     if spec.get("max_samples_per_shard") is not None:
         argv += ["--max-samples-per-shard", str(spec["max_samples_per_shard"])]
     ready = {"command": "omni " + " ".join(argv), "synth_version": SYNTH_VERSION}
-    ready_file = Path(spec["out"]) / READY_FILE
-    if ready_file.is_file():
-        try:
-            if json.loads(ready_file.read_text(encoding="utf-8")) == ready:
+    out = Path(spec["out"])
+    ready_file = out / READY_FILE
+    # another `omni train` making this dataset right now fails at once instead of deleting what it writes
+    with RunLock(out):
+        if ready_file.is_file():
+            try:
+                saved = json.loads(ready_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                saved = {}
+            if saved == ready:
                 return
-        except json.JSONDecodeError:
-            pass
-        print(f"omni train: {spec['out']} was made by another command or generator version: remaking it", flush=True)
-    print(f"omni train: making the synthetic dataset: {ready['command']}", flush=True)
-    args = build_parser().parse_args(argv)
-    if args.handler(args) != 0:
-        raise RuntimeError(f"{ready['command']} failed")
-    ready_file.write_text(json.dumps(ready) + "\n")
+            # a finished dataset is never regenerated in place: another run may be training on it right now
+            raise SynthDataConflict(
+                f"data.synth.out {out} holds a finished synthetic dataset made by {saved.get('command')!r} "
+                f"(generator {saved.get('synth_version')!r}); this recipe asks for {ready['command']!r} (generator "
+                f"{SYNTH_VERSION!r}). Delete {out} to remake it, or set data.synth.out to another folder")
+        print(f"omni train: making the synthetic dataset: {ready['command']}", flush=True)
+        args = build_parser().parse_args(argv)  # --overwrite: replaces a half-made one (no READY.json)
+        if args.handler(args) != 0:
+            raise RuntimeError(f"{ready['command']} failed")
+        ready_file.write_text(json.dumps(ready) + "\n")
 
+
+class SynthDataConflict(RuntimeError):
+    """data.synth.out holds a finished dataset made by another command or generator version."""
 
 
 def manifest_texts(manifest: str | Path) -> list[str]:
@@ -345,22 +377,59 @@ def _barrier() -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(recipe: Recipe) -> int:
-    """Every stage in order, in this process (one rank of the job)."""
-    from modeling.modeling_omni import OmniMoeForCausalLM
-    from modeling.processing_omni import OmniMoeProcessor
-    from omni.stage_eval import evaluate_stage
-    from training.distributed import get_rank, init_distributed, seed_everything, set_cpu_threads_per_rank, teardown
-    from training.loop import train_stage
-    from training.stages import unwrap_model
+def _hold_output_folder(output: Path, run_lock: RunLock | None) -> tuple[RunLock | None, str]:
+    """Collective: (the lock this rank took, or None; the run id every rank agrees on). Rank 0 uses the lock of
+    this process (`run_lock`), or of the `omni train` that launched it (OMNI_RUN_ID), or takes it; when it cannot,
+    every rank raises RunLockHeld with rank 0's message (no rank is left waiting in a collective)."""
+    from training.distributed import broadcast_text, get_rank
+
+    taken, run_id, error = None, "", ""
+    if get_rank() == 0:
+        inherited = os.environ.get(RUN_ID_ENV)
+        if run_lock is not None and run_lock.held:
+            run_id = run_lock.run_id
+        elif held_by_run(output, inherited):
+            run_id = inherited
+        else:
+            try:
+                taken = RunLock(output, run_id=inherited).acquire()
+                run_id = taken.run_id
+            except RunLockHeld as exc:
+                error = str(exc)
+    error, run_id = broadcast_text(error), broadcast_text(run_id)
+    if error:
+        raise RunLockHeld(error)
+    return taken, run_id
+
+
+def train(recipe: Recipe, run_lock: RunLock | None = None) -> int:
+    """Every stage in order, in this process (one rank of the job). `run_lock`: this process's lock on the output
+    folder (`run`); without it rank 0 takes the lock (or inherits the launching `omni train`'s)."""
+    from training.distributed import init_distributed, set_cpu_threads_per_rank
 
     set_cpu_threads_per_rank()
     init_distributed(timeout_s=recipe.train.timeout_s)
     output = Path(recipe.run.output_dir)
+    taken, run_id = _hold_output_folder(output, run_lock)
+    try:
+        return _train_stages(recipe, output, run_id)
+    finally:
+        if taken is not None:
+            taken.release()
+
+
+def _train_stages(recipe: Recipe, output: Path, run_id: str) -> int:
+    from modeling.modeling_omni import OmniMoeForCausalLM
+    from modeling.processing_omni import OmniMoeProcessor
+    from omni.stage_eval import evaluate_stage
+    from training.distributed import get_rank, seed_everything, teardown
+    from training.loop import train_stage
+    from training.stages import unwrap_model
+
     if get_rank() == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False), encoding="utf-8")
-    settings = run_settings(recipe)
+    settings = dataclasses.replace(run_settings(recipe), run_id=run_id)
     micro_batch_size = int(recipe.data.batching.get("batch_size") or 1)
     source: Path | None = None  # the previous stage's exported MoE model
     dense_source: Path | None = None  # a dense_pretrain stage's exported Qwen2 LLM (the next stage upcycles it)

@@ -2,7 +2,8 @@
 
 Layout under `root`: `step-000012/` (published: `rank-NNNNN/` per-rank files, shared files written by rank 0,
 `metadata.json`, `manifest.json` with every file's size and sha256, and `COMMITTED`, written LAST, holding the sha256
-of manifest.json); `.staging-step-000012/` (being written) and `.deleting-*` (being pruned) are never loaded.
+of manifest.json); `.staging-[RUNID-]step-000012/` (being written; RUNID: the run writing it, training/run_lock.py)
+and `.deleting-*` (being pruned) are never loaded.
 
 Protocol (`begin` -> every rank writes under `ckpt.path` -> `commit`): in `commit`, after a barrier each rank hashes
 the files it owns (those under its `rank-NNNNN/`; rank 0 owns everything else) into a per-rank manifest and fsyncs
@@ -181,6 +182,55 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     return path
 
 
+class CorruptFileError(ValueError):
+    """A weights file that does not decode (not safetensors, a broken header, truncated data); names the file."""
+
+
+class SafetensorsFile:
+    """`safetensors.safe_open` whose every decode failure is a CorruptFileError naming the file and the reason
+    (safetensors' own errors name neither). Reads a JSON header and raw bytes: no code in the file can run.
+
+        with SafetensorsFile(path) as handle:
+            tensor = handle.get_tensor(name)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such weights file")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu").__enter__()
+        except Exception as err:  # SafetensorError and friends: not safetensors, bad header
+            raise CorruptFileError(f"{self.path}: not a readable safetensors file ({err})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as err:  # e.g. data cut short after a valid header
+            raise CorruptFileError(f"{self.path}: tensor {name!r} does not decode ({err})") from None
+
+    def close(self) -> None:
+        self._handle.__exit__(None, None, None)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_safetensors_files(folder: str | os.PathLike) -> None:
+    """Open the header of every *.safetensors under `folder` (cheap: no tensor is read): CorruptFileError names
+    the first that does not decode, before a loader that would not name it reads them."""
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        SafetensorsFile(path).close()
+
+
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file. Anything else (a pickle posing as a checkpoint file) raises ValueError naming the
     file; safetensors reads a JSON header and raw bytes, so no code in the file can run."""
@@ -190,7 +240,7 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     try:
         return load_file(str(path), device=device)
     except Exception as err:  # SafetensorError: bad header / truncated / not safetensors at all
-        raise ValueError(f"load_tensors: {path} is not a valid safetensors file: {err}") from err
+        raise CorruptFileError(f"load_tensors: {path} is not a valid safetensors file: {err}") from err
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
@@ -292,7 +342,7 @@ class CheckpointManager:
     `latest_valid`: "full" (sha256 of every byte) or "sizes" (cheap: catches truncation and missing files only)."""
 
     def __init__(self, root: str | os.PathLike, keep_last: int | None = 3, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], Any] | None = None, verify_on_load: str = "full"):
+                 barrier: Callable[[], Any] | None = None, verify_on_load: str = "full", run_id: str = ""):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"CheckpointManager: keep_last must be >= 1 or None (keep all), got {keep_last}")
         if not 0 <= rank < world_size:
@@ -304,6 +354,9 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         self.verify_on_load = verify_on_load
+        if run_id and not re.fullmatch(r"[A-Za-z0-9_-]+", run_id):
+            raise ValueError(f"CheckpointManager: run_id must be letters, digits, '_' or '-', got {run_id!r}")
+        self.run_id = run_id  # in staging names: two writers never share a staging folder
         self._barrier = barrier or (lambda: None)
 
     # ---------------------------------------------------------------- writing
@@ -311,7 +364,7 @@ class CheckpointManager:
         """Rank 0 deletes leftovers of crashed writes and creates a fresh staging folder; all ranks then get it."""
         if step < 0:
             raise ValueError(f"CheckpointManager.begin: step must be >= 0, got {step}")
-        staging = self.root / f"{STAGING_PREFIX}{step_dir_name(step)}"
+        staging = self.root / f"{STAGING_PREFIX}{self.run_id + '-' if self.run_id else ''}{step_dir_name(step)}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
@@ -528,6 +581,7 @@ class CheckpointManager:
 
 __all__ = [
     "COMMITTED", "MANIFEST", "METADATA", "CheckpointCommitError", "CheckpointIntegrityError", "CheckpointManager",
+    "CorruptFileError", "SafetensorsFile", "check_safetensors_files",
     "StagedCheckpoint", "TrainingState", "load_tensors", "read_json", "safe_torch_load", "save_tensors",
     "scrub_secrets", "secret_env_values", "sha256_file", "step_dir_name", "write_json",
 ]

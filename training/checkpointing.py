@@ -43,12 +43,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import (
-    CheckpointIntegrityError, CheckpointManager, TrainingState, load_tensors, read_json, safe_torch_load,
-    save_tensors, write_json,
+    CheckpointIntegrityError, CheckpointManager, SafetensorsFile, TrainingState, load_tensors, read_json,
+    safe_torch_load, save_tensors, write_json,
 )
 from .engine import EngineSetup
 from .expert_parallel import grouped_experts, is_expert_key, moe_blocks
@@ -438,7 +437,7 @@ def _load_weights(path: Path, saved: dict[str, Any], model: nn.Module, ep_size: 
 
         def read(ep_rank: int, key: str) -> torch.Tensor:
             if ep_rank not in handles:
-                handle = stack.enter_context(safe_open(str(path / files[ep_rank]), framework="pt"))
+                handle = stack.enter_context(SafetensorsFile(path / files[ep_rank]))
                 handles[ep_rank] = handle, set(handle.keys())
             handle, keys = handles[ep_rank]
             if key not in keys:

@@ -205,6 +205,23 @@ def teardown() -> None:
         remove_deepspeed_shm_buffers()
 
 
+def broadcast_text(text: str, src: int = 0) -> str:
+    """Rank `src`'s `text` on every rank (length, then UTF-8 bytes: two broadcasts, no pickle); `text` itself
+    without a process group."""
+    if not dist.is_initialized():
+        return text
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = text.encode("utf-8") if dist.get_rank() == src else b""
+    length = torch.tensor([len(data)], dtype=torch.long, device=device)
+    dist.broadcast(length, src=src)
+    payload = torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
+    if payload.numel():
+        if dist.get_rank() == src:
+            payload.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(payload, src=src)
+    return bytes(payload.cpu().tolist()).decode("utf-8")
+
+
 def remove_deepspeed_shm_buffers() -> int:
     """Unlink this job's DeepSpeed shared-memory all-reduce buffers (/dev/shm, ~66 MB per rank).
 
@@ -226,6 +243,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "SHARED_STORE_SWITCH",
     "DistInfo",
+    "broadcast_text",
     "check_restartable_store",
     "default_backend",
     "dist_info",

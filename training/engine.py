@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from torch import nn
 
 from .distributed import init_distributed
 from .expert_parallel import check_ep_size, grouped_experts, moe_blocks, shard_experts
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
 # We rely on engine internals (MoE detection, group helpers, optimizer wrappers); tests fail loudly when they move.
@@ -145,6 +148,17 @@ def validate_deepspeed_config(config: dict[str, Any], has_moe: bool) -> dict[str
             zero[key] = True
     if config.get("fp16", {}).get("enabled"):
         raise ValueError("fp16 is not supported (use bf16 or fp32)")
+    # a non-finite gradient must make DeepSpeed skip the step (and the loop count it: training/loop.py), never be
+    # applied: bf16's overflow check and ZeRO's grad norm (where fp32 detects it) are forced on
+    if (config.get("bf16") or {}).get("enabled"):
+        if config["bf16"].get("check_grad_overflow") is False:
+            logger.warning("DeepSpeed config: bf16.check_grad_overflow=false overridden to true (non-finite "
+                           "gradients must skip the step)")
+        config["bf16"]["check_grad_overflow"] = True
+    if zero.get("compute_grad_norm") is False:
+        logger.warning("DeepSpeed config: zero_optimization.compute_grad_norm=false overridden to true (ZeRO finds "
+                       "non-finite gradients through the grad norm)")
+        zero["compute_grad_norm"] = True
     optimizer = config.get("optimizer")
     if optimizer and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
         # torch's AdamW: DeepSpeed's FusedAdam / CPUAdam would be JIT-compiled on first use (~45 s, ~5 GB on CPU)
@@ -483,27 +497,39 @@ def _local_grads_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 
-def guarded_backward_step(engine: Any, loss: torch.Tensor) -> bool:
-    """`engine.backward(loss); engine.step()` unless some rank's loss is non-finite; returns whether it ran.
+STEPPED, ACCUMULATED, DROPPED, SKIPPED = "stepped", "accumulated", "dropped", "skipped"
 
-    Non-finite loss on any rank: every rank drops this micro-batch (no backward, no step; the engine's counters do
-    not move, so with gradient accumulation the window simply takes the next micro-batch). Non-finite gradients with
-    a finite loss: ZeRO 1/2 detect them in their all-reduced grad norm and skip the step on every rank (counted in
-    `engine.skipped_steps`); at ZeRO-0 we check the reduced gradients here, clear them and skip on every rank.
+
+def guarded_backward_step(engine: Any, loss: torch.Tensor) -> str:
+    """`engine.backward(loss); engine.step()` unless some rank's loss is non-finite. Returns what happened, the same
+    on every rank:
+
+    STEPPED      the optimizer applied an update (a gradient accumulation boundary)
+    ACCUMULATED  gradients accumulated, no boundary yet
+    DROPPED      non-finite loss on some rank: every rank drops this micro-batch (no backward, no step; the engine's
+                 counters do not move, so with gradient accumulation the window simply takes the next micro-batch)
+    SKIPPED      non-finite gradients with a finite loss at a boundary: the optimizer step was skipped on every rank
+                 and the window's gradients discarded. ZeRO 1/2 and the bf16 optimizer detect them in their
+                 all-reduced grad norm (counted in `engine.skipped_steps`; validate_deepspeed_config forces the
+                 check on); at ZeRO-0 fp32 we check the reduced gradients here, clear them and skip on every rank.
     """
     if not all_ranks_finite(loss):
-        return False
+        return DROPPED
     engine.backward(loss)
-    check_grads = engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary()
+    boundary = engine.is_gradient_accumulation_boundary()
+    check_grads = boundary and engine.zero_optimization_stage() == 0
     if check_grads and not all_ranks_finite(torch.tensor(1.0 if _local_grads_finite(engine.module) else float("nan"))):
         engine.zero_grad()
-        return False
+        return SKIPPED
+    skipped_before = engine.skipped_steps
     engine.step()
-    return True
+    if not boundary:
+        return ACCUMULATED
+    return SKIPPED if engine.skipped_steps > skipped_before else STEPPED
 
 
 __all__ = [
-    "MARKER_ATTR", "SUPPORTED_ZERO_STAGES", "EngineSetup", "ExpertParallelLayout", "all_ranks_finite",
+    "ACCUMULATED", "DROPPED", "MARKER_ATTR", "SKIPPED", "STEPPED", "SUPPORTED_ZERO_STAGES", "EngineSetup", "ExpertParallelLayout", "all_ranks_finite",
     "build_deepspeed_config", "build_param_groups", "check_deepspeed_version", "create_expert_parallel_groups",
     "enable_activation_checkpointing", "expert_group_name", "expert_parameters", "guarded_backward_step",
     "initialize_engine", "install_moe_markers", "load_deepspeed_config", "optimizer_param_groups",

@@ -2,7 +2,8 @@
 
     setup    shard experts (EP) -> LoRA (if the stage asks) -> freeze per the stage -> optimizer groups -> DeepSpeed
     resume   from the stage's latest *valid* checkpoint (model, optimizer, scheduler, step, RNG, data position)
-    loop     micro-batches -> forward -> guarded backward/step (non-finite on any rank: every rank skips)
+    loop     micro-batches -> forward -> guarded backward/step (non-finite loss or gradient on any rank: every rank
+             skips, counted, DeepSpeed's own skipped steps included; `max_nonfinite_in_a_row` in a row aborts)
              -> metrics (progress bar with tokens/s, TensorBoard), loss-spike flag, router-health alarm
              -> checkpoint every `save_every` steps
     finish   a last checkpoint; the caller (omni/train.py) exports the model (experts gathered, LoRA merged) as the
@@ -32,8 +33,8 @@ from .checkpoint import CheckpointManager, TrainingState
 from .checkpointing import latest_training_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .distributed import get_rank, get_world_size
 from .engine import (
-    EngineSetup, build_deepspeed_config, expert_parameters, guarded_backward_step, initialize_engine,
-    prepare_expert_parallel,
+    DROPPED, SKIPPED, STEPPED, EngineSetup, build_deepspeed_config, expert_parameters, guarded_backward_step,
+    initialize_engine, prepare_expert_parallel,
 )
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
 from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups, unwrap_model
@@ -66,6 +67,7 @@ class RunSettings:
     timeout_s: float = 1800.0
     stop_after_steps: int | None = None  # leave after this many steps in this call (checkpoint saved)
     tensorboard: bool = True
+    run_id: str = ""  # names this run's checkpoint staging folders (training/run_lock.py: one run per output folder)
 
 
 @dataclass
@@ -140,7 +142,7 @@ def train_stage(
     engine = setup.engine
     config = model.config
     manager = CheckpointManager(stage_dir / "checkpoints", keep_last=run.keep_last, rank=rank, world_size=world,
-                                barrier=_barrier if dist.is_initialized() else None)
+                                barrier=_barrier if dist.is_initialized() else None, run_id=run.run_id)
     state = TrainingState(step=0, stage=stage.name)
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -178,18 +180,26 @@ def train_stage(
             # run_every_tower: the same autograd graph on every rank whatever media its batch holds, so ZeRO-2
             # reduces gradient buckets in the same order everywhere
             out = engine(**batch.inputs, run_every_tower=True)
-            if not guarded_backward_step(engine, out.loss + _touch(trainable)):
-                # every rank dropped this micro-batch (no backward, no step): parameters are unchanged
+            outcome = guarded_backward_step(engine, out.loss + _touch(trainable))
+            if outcome in (DROPPED, SKIPPED):
+                # DROPPED: every rank dropped this micro-batch (non-finite loss). SKIPPED: the loss was finite but
+                # a gradient was not, and the optimizer skipped the step on every rank (DeepSpeed's skipped_steps):
+                # the window's gradients are gone, so it starts again. Either way parameters are unchanged.
                 state.nonfinite_skips += 1
                 nonfinite_in_a_row += 1
-                log.warning("stage %s step %d: non-finite loss or gradients on some rank; every rank skipped it",
-                            stage.name, state.step + 1)
+                what = "loss" if outcome == DROPPED else "gradients (finite loss; the optimizer skipped the step)"
+                log.warning("stage %s step %d: non-finite %s on some rank; every rank skipped it", stage.name,
+                            state.step + 1, what)
                 if nonfinite_in_a_row >= run.max_nonfinite_in_a_row:
                     raise NonFiniteAbort(
-                        f"stage {stage.name}: {nonfinite_in_a_row} non-finite micro-batches in a row, the last at "
-                        f"step {state.step + 1}; aborting (raise run.max_nonfinite_in_a_row to tolerate more)")
+                        f"stage {stage.name}: {nonfinite_in_a_row} non-finite steps or micro-batches in a row, the "
+                        f"last at step {state.step + 1} (non-finite {what}); aborting (raise "
+                        "train.max_nonfinite_in_a_row to tolerate more)")
+                if outcome == SKIPPED:
+                    step_losses, step_loads = [], None
                 continue
-            nonfinite_in_a_row = 0
+            if outcome == STEPPED:  # an update was applied: the run of non-finite ones is over
+                nonfinite_in_a_row = 0
             tokens = batch.num_tokens
             step_losses.append(out.loss.detach().float())
             window_tokens += tokens

@@ -35,11 +35,13 @@ from typing import Iterable
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ParamWrapper
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from modeling.modeling_omni import OmniMoeForCausalLM
 from modeling.moe import GroupedExperts
+
+from .checkpoint import load_tensors
 
 LORA_TARGETS = ("attention", "experts", "shared_experts", "dense_mlp")
 DEFAULT_LORA_TARGETS = ("attention", "experts", "shared_experts")
@@ -208,7 +210,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path, trainable: bool =
         raise ValueError("load_adapter: base_model already carries an adapter; pass the plain model")
     extra_file = directory / TRAINED_BASE_FILE
     if extra_file.is_file():
-        extra = load_file(str(extra_file))
+        extra = load_tensors(extra_file)  # a decode failure names the file
         params = dict(base.named_parameters())
         missing = sorted(set(extra) - set(params))
         if missing:

@@ -271,7 +271,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(spawn):
     frozen parameters get no optimizer state and never change."""
     results = spawn(f"{TARGET}:worker_nan_guard", 2, {}, timeout_s=180, pg_timeout_s=PG_TIMEOUT_S, init="deepspeed")
     for rank, r in enumerate(results):
-        assert r["stepped"] == [True, True, False, False, True], (rank, r["stepped"])
+        assert r["stepped"] == ["stepped", "stepped", "dropped", "skipped", "stepped"], (rank, r["stepped"])
         assert r["changed"][1:] == [True, False, False, True], (rank, r["changed"])
         assert r["global_steps"] == 3 and r["finite_after"]
         assert r["frozen_unchanged"] and not r["frozen_in_optimizer"]
@@ -309,6 +309,10 @@ def test_user_config_validation(tmp_path):
         validate_deepspeed_config(
             {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, has_moe=True
         )
+    # non-finite gradients must skip the step whatever the user's config says
+    forced = validate_deepspeed_config({"zero_optimization": {"stage": 2, "compute_grad_norm": False},
+                                        "bf16": {"enabled": True, "check_grad_overflow": False}}, has_moe=True)
+    assert forced["bf16"]["check_grad_overflow"] is True and forced["zero_optimization"]["compute_grad_norm"] is True
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
         load_deepspeed_config(tmp_path / "bad.json")

@@ -51,7 +51,8 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     paths = {"model": save_tiny_omni_folder(root / "model"), "png": root / "photo one.png", "wav": root / "beep.wav",
              "frames": root / "frames", "mp4": root / "clip.mp4", "bad_png": root / "corrupt.png",
-             "cut_mp4": root / "cut.mp4", "txt": root / "notes.txt", "empty_wav": root / "empty.wav"}
+             "cut_mp4": root / "cut.mp4", "txt": root / "notes.txt", "empty_wav": root / "empty.wav",
+             "zero_hz_wav": root / "zero_hz.wav", "fifo_png": root / "fifo.png"}
     Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(paths["png"])
     # 8 kHz: the chat resamples to the feature extractor's 16 kHz
     soundfile.write(paths["wav"], (0.3 * np.sin(np.arange(4000) / 3)).astype(np.float32), 8000)
@@ -63,6 +64,10 @@ def files(tmp_path_factory):
     paths["bad_png"].write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     paths["txt"].write_text("hello")
     paths["empty_wav"].write_bytes(b"")
+    header = bytearray(paths["wav"].read_bytes())
+    header[24:32] = bytes(8)  # declares 0 Hz (and 0 bytes/s): once a ZeroDivisionError that ended the chat
+    paths["zero_hz_wav"].write_bytes(bytes(header))
+    os.mkfifo(paths["fifo_png"])  # reading it would block forever
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -97,7 +102,8 @@ def test_attachments_load_or_name_the_path_and_reason(files, loaded):
     assert len(clip.data) == 4 and clip.fps == 8.0
     for kind, key, reason in [("image", "bad_png", "does not decode as an image"), ("image", "txt", "unsupported image"),
                               ("video", "cut_mp4", "truncated"), ("audio", "empty_wav", "zero-byte"),
-                              ("image", "frames", "is a folder"), ("audio", "nope", "no such file")]:
+                              ("image", "frames", "is a folder"), ("audio", "nope", "no such file"),
+                              ("audio", "zero_hz_wav", "sampling rate of 0 Hz"), ("image", "fifo_png", "a FIFO")]:
         path = files.get(key, "/no/such/file.wav")
         with pytest.raises(AttachmentError) as info:
             load_attachment(kind, path, processor)

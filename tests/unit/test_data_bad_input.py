@@ -2,16 +2,28 @@
 its own counter, strict mode raises naming the sample, a drop-rate ceiling aborts, and pickle
 members are never unpickled. Checked at build time (writer) and at read time (reader)."""
 
+import contextlib
 import json
+import os
 import pathlib
 import pickle
 import tarfile
+import threading
+import time
 
 import pytest
 
 from data.loader import ResumableLoader
-from data.media import have_video_container_decoder
-from data.quality import BadSampleError, DropPolicy, DropRateExceeded, MediaDecoderUnavailable
+from data.media import (
+    MediaLimits,
+    decode_audio,
+    decode_image,
+    decode_video_container,
+    decode_video_frames,
+    evenly_spaced,
+    have_video_container_decoder,
+)
+from data.quality import BadSampleError, DropPolicy, DropRateExceeded, MediaDecoderUnavailable, SampleRejected
 from data.reader import ShardDataset
 from data.shards import build_shards
 from data.testing import image_bytes, sample_json, sine, wav_bytes, write, write_raw_shard
@@ -195,3 +207,93 @@ def test_writer_strict_mode_and_ceiling(tmp_path):
     with pytest.raises(DropRateExceeded, match="dropped 3 of 5 samples"):
         build_shards(manifest, tmp_path, tmp_path / "out", policy=DropPolicy(max_drop_rate=0.5, min_samples=5),
                      progress=False)
+
+
+# ----------------------------------------------------------------------------- the decode contract (data/media.py)
+def wav_declaring(rate: int, samples: int = 300) -> bytes:
+    """A valid 16-bit mono WAV whose header is then patched to declare `rate` Hz (0 Hz cannot be written)."""
+    data = bytearray(wav_bytes([sine(100, 8000, samples / 8000)], 8000))
+    data[24:28] = rate.to_bytes(4, "little")
+    data[28:32] = (rate * 2).to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_reader_counts_audio_with_an_impossible_sampling_rate(tmp_path):
+    zero_hz = {"__key__": "zero-hz", "json": sample_json("zero-hz", "<audio>", audios=["audio0.wav"]),
+               "audio0.wav": wav_declaring(0)}
+    # 644 bytes at 1 Hz would be resampled to 16,000 x its length
+    one_hz = {"__key__": "one-hz", "json": sample_json("one-hz", "<audio>", audios=["audio0.wav"]),
+              "audio0.wav": wav_declaring(1)}
+    assert len(one_hz["audio0.wav"]) == 644
+    path = write_raw_shard(tmp_path / "a.tar", [good("a"), zero_hz, one_hz])
+    ids, counters = read_all([path])
+    assert ids == ["a"] and counters.dropped == {"audio_decode": 2}
+
+
+def test_decoders_bound_their_output_and_name_the_cap():
+    tight = MediaLimits(max_image_pixels=63, max_audio_seconds=0.5, max_video_frames=3)
+    with pytest.raises(SampleRejected, match=r"8x8 pixels, over the 63-pixel limit") as info:
+        decode_image(image_bytes(size=(8, 8)), "img", limits=tight)
+    assert info.value.reason == "media_too_large"
+    with pytest.raises(SampleRejected, match=r"1\.0 s long, over the 0\.5-second limit") as info:
+        decode_audio(wav_bytes([sine(100, 8000, 1.0)], 8000), "clip", target_rate=16000, limits=tight)
+    assert info.value.reason == "media_too_large"
+    frames = decode_video_frames([image_bytes(color=(10 * i, 0, 0)) for i in range(10)], "v",
+                                 limits=MediaLimits(max_video_frames=3))
+    assert [f.getpixel((0, 0))[0] for f in frames] == [0, 40, 90]  # evenly spaced, first and last kept
+    assert evenly_spaced(5, 8) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not have_video_container_decoder(), reason="PyAV (the 'video' extra) is not installed")
+def test_video_container_frames_are_sampled_while_decoding(tmp_path):
+    from data.testing import mp4_bytes
+
+    data = mp4_bytes(frames=40, fps=8)
+    all_frames, fps = decode_video_container(data, "v")
+    assert len(all_frames) == 40 and fps == pytest.approx(8.0)
+    frames, sampled_fps = decode_video_container(data, "v", limits=MediaLimits(max_video_frames=4))
+    assert len(frames) == 4
+    assert sampled_fps == pytest.approx(8.0 * 3 / 39)  # the kept frames still span the clip's 39 frame steps
+
+
+def write_hostile_manifest(root: pathlib.Path, outside: pathlib.Path) -> pathlib.Path:
+    write(root / "img/ok.png", image_bytes())
+    write(outside / "secret.png", image_bytes())
+    (root / "img/escape.png").symlink_to(outside / "secret.png")
+    os.mkfifo(root / "img/fifo.png")
+    write(root / "aud/zero_hz.wav", wav_declaring(0))
+    write(root / "img/big.png", image_bytes(size=(64, 64), fmt="BMP"))
+
+    def line(sample_id, content, **media):
+        return json.dumps({"id": sample_id, "messages": [{"role": "user", "content": content},
+                                                         {"role": "assistant", "content": "ok"}], **media})
+
+    lines = [line("ok", "<image>", images=["img/ok.png"]),
+             line("nul", "<image>", images=["img/ok.png\u0000.png"]),
+             line("symlink-escape", "<image>", images=["img/escape.png"]),
+             line("fifo", "<image>", images=["img/fifo.png"]),
+             line("zero-hz", "<audio>", audios=["aud/zero_hz.wav"]),
+             line("big-file", "<image>", images=["img/big.png"])]
+    (root / "hostile.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "hostile.jsonl"
+
+
+def test_writer_rejects_hostile_paths_and_decodes_audio_as_the_reader_will(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    manifest = write_hostile_manifest(root, outside)
+
+    def unblock_a_reader_stuck_on_the_fifo():  # old code opened the FIFO blocking: let it fail, not hang
+        time.sleep(5)
+        with contextlib.suppress(OSError):
+            os.close(os.open(root / "img/fifo.png", os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock_a_reader_stuck_on_the_fifo, daemon=True).start()
+    index = build_shards(manifest, root, tmp_path / "out", policy=LENIENT, progress=False,
+                         limits=MediaLimits(max_file_bytes=4096))
+    reasons = {r["id"]: r["reason"] for r in index["rejected"]}
+    assert reasons == {"nul": "unsafe_path", "symlink-escape": "unsafe_path", "fifo": "unsafe_path",
+                       "zero-hz": "audio_decode", "big-file": "media_too_large"}
+    messages = {r["id"]: r["message"] for r in index["rejected"]}
+    assert "outside the media root" in messages["symlink-escape"] and "FIFO" in messages["fifo"]
+    assert "0 Hz" in messages["zero-hz"]
+    assert [s["id"] for s in ShardDataset(tmp_path / "out", rank=0, world_size=1)] == ["ok"]

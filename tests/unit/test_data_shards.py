@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data.loader import ResumableLoader
-from data.media import _read_with_soundfile, _read_with_wave, decode_audio, resample_audio
+from data.media import DEFAULT_LIMITS, _read_with_soundfile, _read_with_wave, decode_audio, resample_audio
 from data.mixing import MixedShardDataset
 from data.reader import ShardDataset, assign_shards
 from data.shards import build_shards, load_index, shard_key
@@ -116,7 +116,8 @@ def test_audio_resampling_and_stereo_to_mono():
     down = resample_audio(sine(100, 16000, 0.5), 16000, 8000)
     np.testing.assert_allclose(down, sine(100, 8000, 0.5), atol=1e-4)
     # The standard-library fallback reads the same PCM values as soundfile.
-    (sf_frames, sf_rate), (wave_frames, wave_rate) = _read_with_soundfile(data), _read_with_wave(data)
+    sf_frames, sf_rate = _read_with_soundfile(data, "w", DEFAULT_LIMITS)
+    wave_frames, wave_rate = _read_with_wave(data, "w", DEFAULT_LIMITS)
     assert sf_rate == wave_rate == rate and np.array_equal(sf_frames, wave_frames)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data.reader import ShardDataset, resolve_shards
 from data.schema import strip_media
 from omni.cli import main
@@ -70,10 +72,11 @@ def test_synthetic_media_samples_describe_their_media_and_the_shards_keep_it(tmp
     assert seen == {"image", "video", "audio"}
 
 
-def test_omni_train_remakes_a_synthetic_dataset_made_by_another_generator_version(tmp_path, capsys):
+def test_omni_train_keeps_a_finished_synthetic_dataset_and_refuses_to_remake_it_in_place(tmp_path):
     from data.synth import SYNTH_VERSION
     from omni.recipe import load_recipe
-    from omni.train import READY_FILE, prepare_synth_data
+    from omni.train import READY_FILE, SynthDataConflict, prepare_synth_data
+    from training.run_lock import RunLock, RunLockHeld
 
     out = tmp_path / "synth"
     recipe = load_recipe("recipes/tiny_omni.yaml", [f"data.synth.out={out}", "data.synth.num=22",
@@ -84,11 +87,17 @@ def test_omni_train_remakes_a_synthetic_dataset_made_by_another_generator_versio
     # 2 samples per task, one per shard: every task folder can feed 2 ranks
     assert len(json.loads((out / "shards" / "train" / "video_shape" / "index.json").read_text())["shards"]) == 2
     manifest = out / "train.jsonl"
-    made = manifest.stat().st_mtime_ns
+    made, lines = manifest.stat().st_mtime_ns, manifest.read_text()
     prepare_synth_data(recipe)  # finished with the same command and version: kept
     assert manifest.stat().st_mtime_ns == made
-    (out / READY_FILE).write_text(json.dumps({"command": ready["command"]}))  # an older generator's dataset
-    manifest.write_text("")
+    # finished by another generator version or command: another run may be training on it, so it is not remade
+    (out / READY_FILE).write_text(json.dumps({"command": ready["command"]}))
+    with pytest.raises(SynthDataConflict, match="holds a finished synthetic dataset"):
+        prepare_synth_data(recipe)
+    assert manifest.stat().st_mtime_ns == made and manifest.read_text() == lines
+    # half-made (no READY.json): remade, unless another run is making it right now
+    (out / READY_FILE).unlink()
+    with RunLock(out), pytest.raises(RunLockHeld, match="in use by another run"):
+        prepare_synth_data(recipe)
     prepare_synth_data(recipe)
-    assert "remaking it" in capsys.readouterr().out
     assert json.loads((out / READY_FILE).read_text()) == ready and len(manifest.read_text().splitlines()) == 22
