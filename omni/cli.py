@@ -8,6 +8,7 @@
     omni eval CHECKPOINT --data DIR [--split test] [--json OUT] [--routing]  # exact match per modality/task
     omni bench moe|ep|data [flags]              # benchmarks (side-by-side ratios in one run)
     omni chat PATH [-p PROMPT --image x.png ...] [--json]  # chat with a model; media attached by path
+    omni serve PATH [--port 8000] [--api-key KEY] [--media-root DIR]  # OpenAI-compatible API + web chat page
 
 Every subcommand explains its flags with --help.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omni import chat, data_commands, demo, evaluate, export, train
+from omni import chat, data_commands, demo, evaluate, export, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     export.add_parser(sub)
     chat.add_parser(sub)
+    serve.add_parser(sub)
     evaluate.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (each prints side-by-side ratios measured in one run)",
                            description="Each benchmark takes its own flags; see `omni bench NAME --help`.")
