@@ -6,7 +6,7 @@
     omni train RECIPE [key=value ...] [--dry-run]  # a training recipe, stage after stage; re-run to resume
     omni export CHECKPOINT OUT [--merge-lora] [--push-to-hub REPO_ID [--private] [--dry-run]]  # -> HF folder / Hub
     omni eval CHECKPOINT --data DIR [--split test] [--json OUT] [--routing]  # exact match per modality/task
-    omni bench moe|ep|data [flags]              # benchmarks (side-by-side ratios in one run)
+    omni bench moe|ep|data|serve [flags]            # benchmarks (side-by-side ratios in one run)
     omni chat PATH [-p PROMPT --image x.png ...] [--json]  # chat with a model; media attached by path
     omni serve PATH [--port 8000] [--api-key KEY] [--media-root DIR]  # OpenAI-compatible API + web chat page
 
@@ -45,6 +45,7 @@ BENCHMARKS = {
     "ep": "EP=2 vs EP=1 DeepSpeed step time for the same global batch (2 processes)",
     "data": "reader + collator throughput vs the samples/s a tiny training step consumes",
     "train_step": "training step tokens/s vs a same-size transformers Qwen2MoeForCausalLM (plain PyTorch loop)",
+    "serve": "omni serve generated tokens/s at 1, 4 and 16 concurrent clients vs the same requests one by one",
 }
 
 

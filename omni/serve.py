@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -237,6 +240,31 @@ async def _stream(engine, job, listener, cid: str, model: str, include_usage: bo
         engine.cancel(job)  # a no-op for a finished job; stops a running or waiting one
 
 
+@contextlib.contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Serve `app` with uvicorn in a thread of this process (tests, benchmarks); yields the base URL. The socket is
+    bound before uvicorn starts, so port 0 (a free port) has no race; the server always stops on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="omni-serve-uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
 # ---------------------------------------------------------------------------------------------- the command line
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible chat server (streaming, media) with a web chat page",
@@ -259,7 +287,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
     p.add_argument("--max-media-mb", type=float, default=20.0, help="largest medium (decoded) in MiB (default 20)")
     p.add_argument("--max-media-per-request", type=int, default=8, help="media parts per request (default 8)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default info; request bodies and the API key are never logged)")
     p.set_defaults(handler=run)
 
 
@@ -327,4 +356,4 @@ def run(args: argparse.Namespace, rest=None) -> int:
     return 0
 
 
-__all__ = ["API_KEY_ENV", "ServeSettings", "add_parser", "build_server", "create_app", "run"]
+__all__ = ["API_KEY_ENV", "ServeSettings", "add_parser", "build_server", "create_app", "run", "running_server"]

@@ -5,20 +5,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import socket
-import threading
-import time
 from pathlib import Path
 
 import av
 import numpy as np
 import soundfile
 import torch
-import uvicorn
 from PIL import Image
 
 from omni.cli import build_parser
-from omni.serve import build_server
+from omni.serve import build_server, running_server
 from tests.tiny import save_tiny_omni_folder
 
 
@@ -39,29 +35,15 @@ def save_serve_model(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def live_server(argv: list[str], timeout: float = 30.0):
+def live_server(argv: list[str]):
     """`omni serve ARGV` in this process: uvicorn in a thread on a free loopback port. Yields (base_url, engine,
     settings); always shuts the server and the generation worker down."""
-    args = build_parser().parse_args(["serve", *argv])
-    engine, app, settings = build_server(args)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
-    thread.start()
+    engine, app, settings = build_server(build_parser().parse_args(["serve", *argv]))
     try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}", engine, settings
+        with running_server(app) as url:
+            yield url, engine, settings
     finally:
-        server.should_exit = True
-        thread.join(timeout)
         engine.close()
-        sock.close()
 
 
 # ------------------------------------------------------------------------------------------------ synthetic media
