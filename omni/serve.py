@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omni.serve_engine import GenerationEngine, Job, QueueFull
-from omni.serve_inputs import InputLimits, build_prompt, count_prompt_tokens
+from omni.serve_inputs import InputLimits, build_prompt
 from omni.serve_schema import ApiError, chunk_body, completion_body, completion_id, models_body, parse_request, usage
 
 log = logging.getLogger("omni.serve")
@@ -165,7 +165,7 @@ def create_app(engine: GenerationEngine, settings: ServeSettings) -> FastAPI:
 
         def prepare() -> Job:  # media decoding and tokenization: off the event loop
             prompt = build_prompt(parsed, engine.processor, settings.limits)
-            return _job(parsed, prompt, count_prompt_tokens(prompt, engine.processor), settings)
+            return _job(parsed, prompt, engine.prompt_tokens(prompt), settings)
 
         job = await run_in_threadpool(prepare)
         listener = _Listener(asyncio.get_running_loop())
@@ -191,26 +191,30 @@ def create_app(engine: GenerationEngine, settings: ServeSettings) -> FastAPI:
 
 async def _complete(engine, job, listener, request, cid: str, model: str):
     """The whole answer as one chat.completion; stops the job if the client disconnects while waiting."""
+
+    async def watch_disconnect():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        engine.cancel(job)
+        listener("cancelled", None)
+
+    watcher = asyncio.create_task(watch_disconnect())
     text = []
     try:
         while True:
-            try:
-                kind, payload = await asyncio.wait_for(listener.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(job)
-                    return None
-                continue
+            kind, payload = await listener.queue.get()
             if kind == "delta":
                 text.append(payload)
+            elif kind == "cancelled":
+                return None  # nobody is there to read an answer
             elif kind == "error":
                 raise ApiError(500, payload, type="server_error")
             else:
                 return completion_body(cid, model, "".join(text), payload["finish_reason"], payload["prompt_tokens"],
                                        payload["completion_tokens"])
-    except asyncio.CancelledError:
-        engine.cancel(job)
-        raise
+    finally:
+        watcher.cancel()
+        engine.cancel(job)  # a no-op for a finished job
 
 
 async def _stream(engine, job, listener, cid: str, model: str, include_usage: bool):

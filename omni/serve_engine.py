@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from omni.serve_inputs import Prompt
+from omni.serve_inputs import Prompt, count_prompt_tokens
 
 log = logging.getLogger("omni.serve")
 MEDIA_KINDS = ("image", "video", "audio")
@@ -142,6 +142,9 @@ class GenerationEngine:
         self._largest_batch = 0
         self._generated_tokens = 0  # over all requests, cancelled ones included
         self._cond = threading.Condition()
+        # the request threads count prompt tokens while the worker processes a batch: one processor call at a time
+        # (a fast tokenizer's settings are shared state)
+        self._processor_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="omni-serve-generate", daemon=True)
         self._thread.start()
@@ -156,6 +159,11 @@ class GenerationEngine:
             self._waiting.append((job, sink))
             self._cond.notify()
         return job
+
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        """The prompt's token count (media placeholders included); ApiError(400) when the processor refuses it."""
+        with self._processor_lock:
+            return count_prompt_tokens(prompt, self.processor)
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a waiting one leaves the queue now, a running one stops at its batch's next step."""
@@ -226,8 +234,10 @@ class GenerationEngine:
             merged.videos += job.prompt.videos
             merged.audios += job.prompt.audios
             merged.video_fps += job.prompt.video_fps
-        inputs = self.processor([job.prompt.conversation for job in jobs], **merged.processor_kwargs(self.processor.video_fps),
-                                add_generation_prompt=True, return_labels=False, padding_side="left")
+        with self._processor_lock:
+            inputs = self.processor([job.prompt.conversation for job in jobs],
+                                    **merged.processor_kwargs(self.processor.video_fps), add_generation_prompt=True,
+                                    return_labels=False, padding_side="left")
         inputs = inputs.to(self.device)
         first = jobs[0]
         config = copy.deepcopy(self.model.generation_config)

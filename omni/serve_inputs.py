@@ -191,8 +191,8 @@ def build_prompt(request: ChatCompletionRequest, processor, limits: InputLimits)
 def count_prompt_tokens(prompt: Prompt, processor) -> int:
     """Tokens of the rendered prompt (media placeholders included); ApiError(400) when the processor refuses it."""
     try:
-        inputs = processor([prompt.conversation], **prompt.processor_kwargs(processor.video_fps), add_generation_prompt=True,
-                           return_labels=False)
+        inputs = processor([prompt.conversation], **prompt.processor_kwargs(processor.video_fps),
+                           add_generation_prompt=True, return_labels=False)
     except (ValueError, TypeError) as exc:
         raise ApiError(400, f"messages: {exc}", param="messages", code="invalid_value") from None
     return int(inputs["input_ids"].shape[1])

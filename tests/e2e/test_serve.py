@@ -286,7 +286,8 @@ def test_parallel_clients_get_what_they_get_alone(server, client, files):
 
 def test_full_queue_gets_503_and_cancelled_streams_free_their_slots(files):
     """One running request and a queue of one: the next gets 503 + Retry-After; closing the waiting stream frees the
-    queue slot at once, closing the running one stops its generation early."""
+    queue slot at once, closing the running one stops its generation early, and so does a non-streaming client that
+    disconnects."""
     with live_server([str(files["model"]), "--max-batch-size", "1", "--max-queue", "1"]) as (url, engine, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         # "hi" runs to max_tokens on this model (asserted at the end), so only a cancellation stops it early
@@ -314,6 +315,12 @@ def test_full_queue_gets_503_and_cancelled_streams_free_their_slots(files):
         running.close()
         wait_for(lambda s: s["running"] == 0, "the cancelled running stream to stop")
         assert engine.stats()["generated_tokens"] - before < 400  # stopped early, not run to max_tokens
+        # a non-streaming client that gives up: its request is stopped too
+        before = engine.stats()["generated_tokens"]
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/chat/completions", json={**long, "stream": False}, timeout=0.5)
+        wait_for(lambda s: s["running"] == 0, "the abandoned request to stop")
+        assert engine.stats()["generated_tokens"] - before < 400
         reply = client.chat.completions.create(**{**long, "stream": False})
         assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("length", 400)
 
