@@ -163,6 +163,13 @@ def create_app(engine: GenerationEngine, settings: ServeSettings) -> FastAPI:
             raise ApiError(404, f"the model {parsed.model!r} does not exist; this server serves "
                                 f"{settings.model_name!r}", param="model", code="model_not_found")
 
+        def busy(reason: str) -> ApiError:
+            return ApiError(503, f"the server is busy: {reason}; retry shortly", type="server_error",
+                            code="server_overloaded", headers={"Retry-After": str(settings.retry_after_s)})
+
+        if engine.queue_full():  # before decoding any media; submit() below is the authoritative check
+            raise busy(f"the queue is full (--max-queue {engine.max_queue})")
+
         def prepare() -> Job:  # media decoding and tokenization: off the event loop
             prompt = build_prompt(parsed, engine.processor, settings.limits)
             return _job(parsed, prompt, engine.prompt_tokens(prompt), settings)
@@ -172,8 +179,7 @@ def create_app(engine: GenerationEngine, settings: ServeSettings) -> FastAPI:
         try:
             engine.submit(job, listener)
         except QueueFull as exc:
-            raise ApiError(503, f"the server is busy: {exc}; retry shortly", type="server_error",
-                           code="server_overloaded", headers={"Retry-After": str(settings.retry_after_s)}) from None
+            raise busy(str(exc)) from None
         cid = completion_id()
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)

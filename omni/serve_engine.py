@@ -160,6 +160,10 @@ class GenerationEngine:
             self._cond.notify()
         return job
 
+    def queue_full(self) -> bool:
+        with self._cond:
+            return self._closed or len(self._waiting) >= self.max_queue
+
     def prompt_tokens(self, prompt: Prompt) -> int:
         """The prompt's token count (media placeholders included); ApiError(400) when the processor refuses it."""
         with self._processor_lock:

@@ -30,6 +30,7 @@ from tests.e2e.serve_helpers import (
     png_bytes,
     save_serve_model,
 )
+from tests.tiny import save_tiny_omni_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-7f3a9c"
@@ -373,3 +374,19 @@ def test_omni_serve_command_with_key_from_the_environment(files, tmp_path):
     output = log_path.read_text()
     assert "127.0.0.1" in output and "API key required" in output
     assert KEY not in output  # the key is never logged
+
+
+def test_media_the_model_does_not_take(tmp_path):
+    """A model without an audio encoder: an audio part is a 400 naming it, and images still work."""
+    path = save_tiny_omni_folder(tmp_path / "no-audio", audio_config=None)
+    with live_server([str(path)]) as (url, engine, _):
+        assert engine.processor.feature_extractor is None
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        audio = {"type": "input_audio", "input_audio": {"data": b64(audio_bytes("WAV")), "format": "wav"}}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="no-audio", messages=user(text_part("hi"), audio), max_tokens=2)
+        assert (info.value.body["code"], info.value.body["param"]) == ("unsupported_media", "messages[0].content[1]")
+        assert "no audio" in info.value.body["message"]
+        image = _image(data_url(png_bytes(1), "image/png"))
+        assert client.chat.completions.create(model="no-audio", messages=user(image, text_part("hi")),
+                                              max_tokens=2).usage.completion_tokens >= 1
