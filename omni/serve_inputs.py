@@ -80,14 +80,22 @@ def _local_path(url: str, param: str, limits: InputLimits) -> tuple[str, Path]:
     if limits.media_root is None:
         raise ApiError(400, f"{param}: local files are off on this server (start it with --media-root DIR); send a "
                             "data: URL instead", param=param, code="local_files_disabled")
-    path = (limits.media_root / given).resolve()  # an absolute `given` replaces the root, then must be inside it
-    if not path.is_relative_to(limits.media_root):
+    try:
+        path = (limits.media_root / given).resolve()  # an absolute `given` replaces the root, then must be inside
+        inside = path.is_relative_to(limits.media_root)
+        exists = inside and path.exists()
+        if exists:
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else \
+                path.stat().st_size
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a folder we may not read
+        raise ApiError(400, f"{param}: {given!r} is not a usable path ({type(exc).__name__})", param=param,
+                       code="invalid_media") from None
+    if not inside:
         raise ApiError(403, f"{param}: {given!r} is outside the server's media root", type="permission_error",
                        param=param, code="path_outside_media_root")
-    if not path.exists():
+    if not exists:
         raise ApiError(400, f"{param}: {given!r}: no such file or folder under the media root", param=param,
                        code="invalid_media")
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size
     if size > limits.max_media_bytes:
         raise ApiError(400, f"{param}: {given!r} is {size} bytes, over the server's limit of "
                             f"{limits.max_media_bytes} bytes", param=param, code="media_too_large")
