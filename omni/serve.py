@@ -295,7 +295,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for the model before new ones get 503 (default 64)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
-    p.add_argument("--max-media-mb", type=float, default=20.0, help="largest medium (decoded) in MiB (default 20)")
+    p.add_argument("--max-media-mb", type=float, default=20.0,
+                   help="largest medium in MiB: one base64 medium's bytes, or one file / frame folder under "
+                        "--media-root (default 20)")
     p.add_argument("--max-media-per-request", type=int, default=8, help="media parts per request (default 8)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default info; request bodies and the API key are never logged)")
@@ -309,8 +311,8 @@ def _check_args(args) -> None:
     for name in ("max_body_mb", "max_media_mb"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.media_root is not None and not Path(args.media_root).is_dir():
         raise ValueError(f"--media-root {args.media_root}: not a folder")
     if args.api_key is not None and not args.api_key.strip():

@@ -334,7 +334,8 @@ def test_full_queue_gets_503_and_cancelled_streams_free_their_slots(files):
 def test_cli_flags_are_checked_before_loading(files, capsys):
     for flags, named in [(["--max-queue", "0"], "--max-queue"), (["--max-batch-size", "-1"], "--max-batch-size"),
                          (["--media-root", str(files["outside"])], "--media-root"),
-                         (["--max-body-mb", "0"], "--max-body-mb"), (["--api-key", " "], "--api-key")]:
+                         (["--max-body-mb", "0"], "--max-body-mb"), (["--api-key", " "], "--api-key"),
+                         (["--port", "0"], "--port")]:
         assert main(["serve", str(files["model"]), *flags]) == 1
         assert named in capsys.readouterr().err
 
