@@ -6,8 +6,9 @@
     omni train RECIPE [key=value ...] [--dry-run]  # a training recipe, stage after stage; re-run to resume
     omni export CHECKPOINT OUT [--merge-lora] [--push-to-hub REPO_ID [--private] [--dry-run]]  # -> HF folder / Hub
     omni eval CHECKPOINT --data DIR [--split test] [--json OUT] [--routing]  # exact match per modality/task
-    omni bench moe|ep|data [flags]              # benchmarks (side-by-side ratios in one run)
+    omni bench moe|ep|data|serve [flags]            # benchmarks (side-by-side ratios in one run)
     omni chat PATH [-p PROMPT --image x.png ...] [--json]  # chat with a model; media attached by path
+    omni serve PATH [--port 8000] [--api-key KEY] [--media-root DIR]  # OpenAI-compatible API + web chat page
 
 Every subcommand explains its flags with --help.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omni import chat, data_commands, demo, evaluate, export, train
+from omni import chat, data_commands, demo, evaluate, export, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     export.add_parser(sub)
     chat.add_parser(sub)
+    serve.add_parser(sub)
     evaluate.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (each prints side-by-side ratios measured in one run)",
                            description="Each benchmark takes its own flags; see `omni bench NAME --help`.")
@@ -43,6 +45,7 @@ BENCHMARKS = {
     "ep": "EP=2 vs EP=1 DeepSpeed step time for the same global batch (2 processes)",
     "data": "reader + collator throughput vs the samples/s a tiny training step consumes",
     "train_step": "training step tokens/s vs a same-size transformers Qwen2MoeForCausalLM (plain PyTorch loop)",
+    "serve": "omni serve generated tokens/s at 1, 4 and 16 concurrent clients vs the same requests one by one",
 }
 
 

@@ -11,7 +11,7 @@ from omni.cli import BENCHMARKS, main
 
 
 SUBCOMMANDS = [[], ["demo"], ["data"], ["data", "synth"], ["data", "build"], ["train"], ["eval"], ["export"],
-               ["chat"], ["bench"]]
+               ["chat"], ["serve"], ["bench"]]
 
 
 @pytest.mark.parametrize("argv", SUBCOMMANDS)
