@@ -358,6 +358,9 @@ def run(args: argparse.Namespace, rest=None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 1
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("binding %s without an API key: anyone who can reach this port can use the model "
+                    "(--api-key KEY or $%s)", args.host, API_KEY_ENV)
     key_state = "required (Authorization: Bearer ...)" if settings.api_key else "off"
     log.info("serving %r on http://%s:%d (chat page at /, API at /v1; API key %s; media root %s)",
              settings.model_name, args.host, args.port, key_state, settings.limits.media_root or "off")

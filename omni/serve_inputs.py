@@ -162,6 +162,9 @@ def _media_part(part, kind: str, param: str, limits: InputLimits, processor, pro
             _append(prompt, kind, frames, fps)
     except (SampleRejected, MediaDecoderUnavailable) as exc:
         raise _media_error(param, exc) from None
+    except (ValueError, OSError) as exc:  # a decoder's own bound or a library error: still the medium's fault
+        raise ApiError(400, f"{param}: the medium was refused ({type(exc).__name__}: {exc})", param=param,
+                       code="invalid_media") from None
 
 
 def build_prompt(request: ChatCompletionRequest, processor, limits: InputLimits) -> Prompt:
