@@ -6,8 +6,9 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from modeling.configuration_omni import default_mrope_section
+from modeling.modeling_omni import OmniMoeForCausalLM
 from modeling.rope import OmniRotaryEmbedding, apply_omni_rotary, frequency_components
-from tests.tiny import tiny_qwen2_config
+from tests.tiny import tiny_config, tiny_qwen2_config
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
@@ -59,3 +60,21 @@ def test_interleaved_layout_gives_every_axis_a_fast_frequency():
     interleaved = OmniRotaryEmbedding(head_dim, 10000.0, section, interleaved=True)
     for axis in range(3):
         assert float(interleaved.inv_freq[interleaved.component_of_freq == axis].max()) >= 0.3, axis
+
+
+def test_frequencies_stay_fp32_when_the_model_is_cast_to_bf16(tmp_path):
+    """`model.to(torch.bfloat16)` (what upcycle(dtype=bf16) ends with) and a bf16 reload keep RoPE's frequencies
+    exact: bf16 rounding of inv_freq turns position 4095's angles by radians."""
+    model = OmniMoeForCausalLM(tiny_config(media=False))
+    exact = model.model.rotary_emb.inv_freq.clone()
+    assert exact.dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the cast happened
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, exact)
+    angle = 4095 * exact
+    assert (angle - 4095 * exact.to(torch.bfloat16).float()).abs().max() > 0.1  # what the cast would have cost
+    model.save_pretrained(tmp_path)
+    loaded = OmniMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(loaded.model.rotary_emb.inv_freq, exact)
