@@ -32,7 +32,7 @@ import torch
 
 from modeling.media import audio_token_count, image_token_count
 from modeling.modeling_omni import OmniMoeForCausalLM, OmniMoeModel
-from tests.hf_upstream import upstream_module
+from tests.hf_upstream import one_torch_thread, upstream_module  # noqa: F401 (autouse fixture)
 from tests.tiny import tiny_config
 
 common = upstream_module("test_modeling_common")
