@@ -311,9 +311,10 @@ class OmniMoeModel(OmniMoePreTrainedModel):
         hidden = inputs_embeds
         router_outputs: list[MoeRouterOutput] = []
         for layer in self.layers:
+            # text position ids reach the attention kernel: flash attention finds packed documents from them
             out = layer(
                 hidden, attention_mask=mask, position_embeddings=position_embeddings, modality_ids=modality_ids,
-                token_mask=token_mask, cache=cache, use_cache=use_cache, **kwargs,
+                token_mask=token_mask, cache=cache, use_cache=use_cache, position_ids=text_ids, **kwargs,
             )
             hidden = out[0]
             if len(out) > 1:

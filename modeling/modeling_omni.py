@@ -110,7 +110,7 @@ class OmniMoeForCausalLM(OmniMoePreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ inputs
     def embed_inputs(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         pixel_values: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,

@@ -250,7 +250,7 @@ class MoeRouterOutput:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
-torch.export.register_dataclass(MoeRouterOutput, serialized_type_name="omni_moe.MoeRouterOutput")
+torch.export.register_dataclass(MoeRouterOutput)
 
 
 @dataclass

@@ -15,6 +15,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +44,13 @@ def upstream_module(name: str):
         package.__path__ = [str(folder), str(Path(__file__).resolve().parent / "hf_upstream_standins")]
         sys.modules[PACKAGE] = package
     return importlib.import_module(f"{PACKAGE}.{name}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread (measured: the contract + tools + generate
+    modules took 199 s with torch's default threads against 59 s with one, under other jobs' load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

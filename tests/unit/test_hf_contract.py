@@ -5,6 +5,22 @@
 Two tiny configs: text only, and with vision and audio towers (every sample carries one image and one audio clip, so
 upstream's batch slicing keeps media and placeholders together). The upstream file is fetched by
 `bash launch/install.sh test` (tests/hf_upstream.py); without it this module fails at import, naming that command.
+
+Measured on transformers 5.25.0: 215 passed, 123 skipped, 0 failed (the model before issue 24: 106 failed). Every
+skip is upstream's own, for a reason that does not apply to this model on this machine:
+- hardware: CUDA / accelerator / multiple accelerators / MPS / flash-attention 2, 3, 4 kernels (CPU only here);
+  `@slow` tests (upstream runs them only with RUN_SLOW);
+- features the model does not have: a tensor-parallel plan (parallelism lives in training/), sliding-window
+  attention, learned position embeddings (RoPE), `_keep_in_fp32_modules`, checkpoint conversion mappings,
+  transformers' experts kernels (`@use_experts_implementation`; our `GroupedExperts` choose grouped_mm / loop
+  themselves) and its `output_router_logits` (router statistics come in `router_outputs`), a seq2seq head;
+- remote code: upstream finds base models and causal-LM heads by name in its own auto mappings (`MODEL_MAPPING_NAMES`,
+  `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), where a trust_remote_code model never is, and its composite-dispatch test
+  looks for towers named `vision_tower` etc. on the base model (ours sit on the head as `media.*`, the checkpoint
+  layout). The base model's contract is tested in tests/unit/test_hf_tools.py (AutoModel, base <-> head).
+- the text tester is not composite; "not a prioritized model" is upstream's own allow-list.
+The generation tests (`GenerationTesterMixin`) and export tests are not in the sdist: our stand-ins add none, and
+tests/unit/test_hf_contract_generate.py and tests/unit/test_hf_tools.py cover those paths.
 """
 
 from __future__ import annotations
@@ -16,7 +32,7 @@ import torch
 
 from modeling.media import audio_token_count, image_token_count
 from modeling.modeling_omni import OmniMoeForCausalLM, OmniMoeModel
-from tests.hf_upstream import upstream_module
+from tests.hf_upstream import one_torch_thread, upstream_module  # noqa: F401 (autouse fixture)
 from tests.tiny import tiny_config
 
 common = upstream_module("test_modeling_common")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from modeling.modeling_omni import OmniMoeForCausalLM
+from tests.hf_upstream import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.tiny import tiny_config
 
 NEW = 4

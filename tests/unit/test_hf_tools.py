@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling.modeling_omni import OmniMoeForCausalLM, OmniMoeModel
+from tests.hf_upstream import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.tiny import tiny_config
 
 # null experts and dynamic top-p: the MoE paths whose eager dispatch has data-dependent shapes
@@ -175,3 +176,26 @@ def test_eager_attention_is_used_when_asked(exported):
         torch.testing.assert_close(sdpa(ids, use_cache=False).logits, out.logits, rtol=1e-4, atol=1e-5)
     assert len(out.attentions) == model.config.num_hidden_layers
     assert out.attentions[0].shape == (1, model.config.num_attention_heads, 6, 6)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_honours_use_reentrant(exported, use_reentrant):
+    """Each decoder layer is transformers' GradientCheckpointingLayer, checkpointed as asked; the router's aux and
+    z losses keep their gradients through the recomputation (the layer returns them as plain tensors)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    torch.manual_seed(8)
+    ids = torch.randint(3, 90, (2, 7))
+    grads = []
+    for checkpointing in (False, True):
+        model = load(exported, router_aux_loss_coef=0.5, router_z_loss_coef=0.1).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            layer = model.model.layers[0]
+            assert isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing
+            assert layer._gradient_checkpointing_func.keywords["use_reentrant"] is use_reentrant
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[1].keys() == grads[0].keys() and any("gate.weight" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
