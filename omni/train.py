@@ -339,6 +339,7 @@ def run_settings(recipe: Recipe):
         save_every=t.save_every, keep_last=t.keep_last, log_every=t.log_every, stop_after_steps=t.stop_after_steps,
         max_nonfinite_in_a_row=t.max_nonfinite_in_a_row, spike_factor=t.spike_factor,
         router_alarm_max_over_mean=t.router_alarm_max_over_mean, timeout_s=t.timeout_s, tensorboard=t.tensorboard,
+        resume_allow_config_changes=tuple(t.resume_allow_config_changes),
     )
 
 

@@ -372,7 +372,7 @@ def _write_model_description(folder: Path, model: nn.Module) -> dict[str, Any]:
         config = unwrap_model(model).config
     except TypeError:  # not an OmniMoeForCausalLM (e.g. a test's toy model): nothing omni/loading.py could load
         return {"model_config_file": None, "lora_config_dir": None}
-    write_json(folder / MODEL_CONFIG_FILE, json.loads(config.to_json_string(use_diff=False)))
+    write_json(folder / MODEL_CONFIG_FILE, _without_local_paths(json.loads(config.to_json_string(use_diff=False))))
     peft_configs = getattr(model, "peft_config", None) or {}
     if len(peft_configs) > 1:
         raise CheckpointLayoutError(f"the model carries {len(peft_configs)} PEFT adapters {sorted(peft_configs)}; "
@@ -380,6 +380,13 @@ def _write_model_description(folder: Path, model: nn.Module) -> dict[str, Any]:
     for lora_config in peft_configs.values():
         lora_config.save_pretrained(str(folder / LORA_CONFIG_DIR))
     return {"model_config_file": MODEL_CONFIG_FILE, "lora_config_dir": LORA_CONFIG_DIR if peft_configs else None}
+
+
+def _without_local_paths(config: dict) -> dict:
+    """The config minus `_name_or_path` (at every level): a folder on the machine that trained it, which a
+    checkpoint shared or uploaded should not disclose and nothing loading it needs."""
+    return {key: _without_local_paths(value) if isinstance(value, dict) else value
+            for key, value in config.items() if key != "_name_or_path"}
 
 
 # ------------------------------------------------------------------------------------------------ loading

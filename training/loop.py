@@ -37,6 +37,7 @@ from .engine import (
     initialize_engine, prepare_expert_parallel,
 )
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
+from .resume_config import check_resume_config
 from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class RunSettings:
     stop_after_steps: int | None = None  # leave after this many steps in this call (checkpoint saved)
     tensorboard: bool = True
     run_id: str = ""  # names this run's checkpoint staging folders (training/run_lock.py: one run per output folder)
+    resume_allow_config_changes: tuple[str, ...] = ()  # model-config keys a resumed checkpoint may differ in
 
 
 @dataclass
@@ -148,6 +150,7 @@ def train_stage(
         stage_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_training_checkpoint(manager)
     if latest is not None:
+        check_resume_config(latest, model, run.resume_allow_config_changes)
         state = load_training_checkpoint(latest, setup, model)
         if state.data_state:
             loader.load_state_dict(state.data_state)
