@@ -376,6 +376,17 @@ def _barrier() -> None:
 
 
 # ----------------------------------------------------------------------------- the run
+def save_run_recipe(recipe: Recipe, output: Path) -> Path:
+    """OUTPUT/recipe.yaml: the resolved recipe (omni/loading.py reads it back), through the secret scrubber the
+    checkpoints use (a token in an environment variable never lands on disk)."""
+    from training.checkpoint import scrub_secrets
+
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "recipe.yaml"
+    path.write_text(yaml.safe_dump(scrub_secrets(recipe.raw), sort_keys=False), encoding="utf-8")
+    return path
+
+
 def _hold_output_folder(output: Path, run_lock: RunLock | None) -> tuple[RunLock | None, str]:
     """Collective: (the lock this rank took, or None; the run id every rank agrees on). Rank 0 uses the lock of
     this process (`run_lock`), or of the `omni train` that launched it (OMNI_RUN_ID), or takes it; when it cannot,
@@ -426,8 +437,7 @@ def _train_stages(recipe: Recipe, output: Path, run_id: str) -> int:
     from training.stages import unwrap_model
 
     if get_rank() == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False), encoding="utf-8")
+        save_run_recipe(recipe, output)
     settings = dataclasses.replace(run_settings(recipe), run_id=run_id)
     micro_batch_size = int(recipe.data.batching.get("batch_size") or 1)
     source: Path | None = None  # the previous stage's exported MoE model
@@ -481,4 +491,4 @@ def _train_stages(recipe: Recipe, output: Path, run_id: str) -> int:
 
 
 __all__ = ["add_parser", "build_loader", "build_model", "dry_run_report", "export_stage_model", "load_tokenizer",
-           "manifest_texts", "model_config", "relaunch_with_torchrun", "run", "train"]
+           "manifest_texts", "model_config", "relaunch_with_torchrun", "run", "save_run_recipe", "train"]
