@@ -10,7 +10,8 @@
              Hugging Face folder the next stage starts from. `run.stop_after_steps` leaves early (finished=False).
 
 Every rank runs the same code and issues the same collectives in the same order; decisions that could differ per
-rank (skip a step, stop) are all-reduced first.
+rank (skip a step, stop) are all-reduced first. An exception on one rank (its forward, its data, a failed save)
+ends every rank within seconds with its cause (training/failure_watch.py), not after the collective timeout.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .engine import (
     DROPPED, SKIPPED, STEPPED, EngineSetup, build_deepspeed_config, expert_parameters, guarded_backward_step,
     initialize_engine, prepare_expert_parallel,
 )
+from .failure_watch import PeerFailureWatch
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
 from .resume_config import check_resume_config
 from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups, unwrap_model
@@ -137,7 +139,14 @@ def train_stage(
     micro_batch_size: int,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> StageResult:
-    """Train `model` for `stage.steps` optimizer steps on batches from `loader` (a `ResumableLoader`)."""
+    """Train `model` for `stage.steps` optimizer steps on batches from `loader` (a `ResumableLoader`). An exception
+    on any rank ends every rank within seconds, naming it (training/failure_watch.py)."""
+    with PeerFailureWatch():
+        return _train_stage(model, stage, run, loader, micro_batch_size, on_checkpoint)
+
+
+def _train_stage(model, stage: StageSpec, run: RunSettings, loader: Any, micro_batch_size: int,
+                 on_checkpoint: Callable[[int], None] | None) -> StageResult:
     rank, world = get_rank(), get_world_size()
     stage_dir = Path(run.output_dir) / stage.name
     setup, model, plan = build_engine(model, stage, run, micro_batch_size)
