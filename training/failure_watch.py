@@ -48,6 +48,8 @@ class PeerFailureWatch:
     def __init__(self, poll_interval_s: float = POLL_INTERVAL_S):
         self.poll_interval_s = poll_interval_s
         self.store = _job_store()
+        # per torchrun attempt: a restarted job must not read the failure that ended the previous attempt
+        self.key = f"{FAILURE_KEY}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.rank = dist.get_rank() if self.store is not None else 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,16 +73,16 @@ class PeerFailureWatch:
             return
         cause = f"rank {self.rank}: {type(exc).__name__}: {exc}"
         try:
-            self.store.compare_set(FAILURE_KEY, "", cause)  # set only if no rank reported first
+            self.store.compare_set(self.key, "", cause)  # set only if no rank reported first
         except Exception as err:  # the store may be gone (its host died): the exception goes on regardless
             logger.warning("could not report this rank's failure to its peers: %s", err)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             try:
-                if not self.store.check([FAILURE_KEY]):
+                if not self.store.check([self.key]):
                     continue
-                cause = self.store.get(FAILURE_KEY).decode("utf-8", "replace")
+                cause = self.store.get(self.key).decode("utf-8", "replace")
             except Exception:  # the store went away (the job is ending): nothing left to watch
                 return
             if cause.startswith(f"rank {self.rank}:") or self._stop.is_set():
