@@ -51,6 +51,7 @@ from .checkpoint import (
 )
 from .engine import EngineSetup
 from .expert_parallel import grouped_experts, is_expert_key, moe_blocks
+from .failure_watch import raised_on_every_rank
 from .rng import load_rng_state, save_rng_state
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
     exc_type = {"CheckpointLayoutError": CheckpointLayoutError,
                 "MasterWeightMismatchError": MasterWeightMismatchError}.get(payload["type"], RuntimeError)
     message = f"{what} failed on rank {source}: {payload['type']}: {payload['message']}"
-    raise exc_type(message) from error
+    raise raised_on_every_rank(exc_type(message)) from error
 
 
 def _world() -> tuple[int, int]:
@@ -403,7 +404,7 @@ def _verify_everywhere(path: Path, verify: str) -> None:
             failure = {"file": "manifest.json", "reason": f"{type(err).__name__}: {err}"}
     agreed = _first_failure(failure)
     if agreed is not None:
-        raise CheckpointIntegrityError(path, agreed[1]["file"], agreed[1]["reason"])
+        raise raised_on_every_rank(CheckpointIntegrityError(path, agreed[1]["file"], agreed[1]["reason"]))
 
 
 def latest_training_checkpoint(manager: CheckpointManager) -> Path | None:

@@ -8,9 +8,11 @@ a `PeerFailureWatch`:
     with PeerFailureWatch():      # training/loop.py wraps each stage in it
         ... train ...
 
-A rank whose stage raises writes "rank R: Type: message" under one key of the job's rendezvous store (the
-c10d store every rank already shares) before the exception goes on; a daemon thread in every other rank polls that
-key and, once it appears, prints the cause and ends its process (exit code 1), wherever its main thread is blocked.
+A rank whose stage raises writes "rank R: Type: message" under one key of the job's rendezvous store (the c10d
+store every rank already shares) before the exception goes on -- unless the exception is marked
+`raised_on_every_rank` (a failure the ranks agreed on, which every rank raises by itself). A daemon thread in
+every other rank polls that key and, once it appears, prints the cause and ends its process (exit code 1),
+wherever its main thread is blocked.
 torchrun then sees failed workers and stops the job, as it does for any rank that exits with an error. The first
 failure written wins; a one-process job has no peer and runs no thread.
 """
@@ -29,6 +31,9 @@ from .distributed import remove_deepspeed_shm_buffers
 logger = logging.getLogger(__name__)
 
 FAILURE_KEY = "omni/failed_rank"
+# set on an exception (or its class) that every rank raises at the same point (a failure the ranks agreed on, e.g.
+# through an all-reduce): nothing to tell the peers, which would be ended before they could raise it themselves
+RAISED_ON_EVERY_RANK = "raised_on_every_rank"
 POLL_INTERVAL_S = 0.5
 EXIT_CODE = 1
 
@@ -61,7 +66,7 @@ class PeerFailureWatch:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc is not None:
+        if exc is not None and not getattr(exc, RAISED_ON_EVERY_RANK, False):
             self.report(exc)
         self._stop.set()
         if self._thread is not None:
@@ -93,4 +98,10 @@ class PeerFailureWatch:
             os._exit(EXIT_CODE)
 
 
-__all__ = ["EXIT_CODE", "FAILURE_KEY", "PeerFailureWatch"]
+def raised_on_every_rank(exc: BaseException) -> BaseException:
+    """Mark `exc` as raised by every rank at the same point (see RAISED_ON_EVERY_RANK); returns it."""
+    setattr(exc, RAISED_ON_EVERY_RANK, True)
+    return exc
+
+
+__all__ = ["EXIT_CODE", "FAILURE_KEY", "RAISED_ON_EVERY_RANK", "PeerFailureWatch", "raised_on_every_rank"]

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteAbort(RuntimeError):
-    pass
+    raised_on_every_rank = True  # the skip decision is all-reduced: every rank aborts at the same step
 
 
 @dataclass

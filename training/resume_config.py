@@ -32,6 +32,8 @@ _ABSENT = "<absent>"
 class ResumeConfigMismatch(ValueError):
     """The checkpoint was trained with another model config."""
 
+    raised_on_every_rank = True  # every rank compares the same files
+
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
