@@ -23,6 +23,7 @@ stage: checkpoints/, tensorboard/, losses.jsonl (rank 0: step and loss of every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -137,8 +138,10 @@ def prepare_synth_data(recipe: Recipe) -> None:
     ready = {"command": "omni " + " ".join(argv), "synth_version": SYNTH_VERSION}
     out = Path(spec["out"])
     ready_file = out / READY_FILE
-    # another `omni train` making this dataset right now fails at once instead of deleting what it writes
-    with RunLock(out):
+    # another `omni train` making this dataset right now fails at once instead of deleting what it writes (inside
+    # this run's own output folder, the run's lock covers it already)
+    same_folder = out.resolve() == Path(recipe.run.output_dir).resolve()
+    with contextlib.nullcontext() if same_folder else RunLock(out):
         if ready_file.is_file():
             try:
                 saved = json.loads(ready_file.read_text(encoding="utf-8"))
