@@ -46,13 +46,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import (
-    CheckpointIntegrityError, CheckpointManager, SafetensorsFile, TrainingState, load_tensors, read_json,
-    safe_torch_load, save_tensors, write_json,
+    CheckpointIntegrityError, CheckpointManager, TrainingState, load_tensors, read_json, safe_torch_load,
+    save_tensors, write_json,
 )
 from .engine import EngineSetup
 from .expert_parallel import grouped_experts, is_expert_key, moe_blocks
 from .failure_watch import raised_on_every_rank
 from .rng import load_rng_state, save_rng_state
+from .weights_files import SafetensorsFile
 
 logger = logging.getLogger(__name__)
 
