@@ -184,7 +184,7 @@ def _place_lora_factor(key: str, full: torch.Tensor, local: torch.Tensor, ids: l
 def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full single-device state dict for the keys/shapes/dtypes of `expected` (a meta model's state dict),
     read from the checkpoint's files. Each tensor is allocated once; experts are copied in one at a time."""
-    from training.checkpoint import SafetensorsFile
+    from training.weights_files import SafetensorsFile
     from training.checkpointing import EXPERT_SEPARATOR
     from training.expert_parallel import global_expert_ids, is_expert_key
 
@@ -385,7 +385,7 @@ def load_model_and_processor(path: str | Path, *, dtype: torch.dtype | None = No
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder or checkpoint")
     if is_hf_folder(path):
-        from training.checkpoint import check_safetensors_files
+        from training.weights_files import check_safetensors_files
 
         check_safetensors_files(path)  # transformers' error would name no file
         model = OmniMoeForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)

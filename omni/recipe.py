@@ -111,6 +111,9 @@ class TrainSection:
     router_alarm_max_over_mean: float = 4.0
     timeout_s: float = 1800.0
     tensorboard: bool = True
+    # model-config keys (dotted for sub-configs, e.g. rope_theta, vision_config.image_size) that may differ from
+    # a checkpoint's when resuming it; any other difference refuses the resume (training/checkpointing.py)
+    resume_allow_config_changes: list = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -179,6 +182,9 @@ def _check_values(recipe: Recipe, fail) -> None:
     for key, value in positive.items():
         if value < 1:
             fail(f"{key} must be >= 1, got {value}")
+    if not all(isinstance(key, str) for key in recipe.train.resume_allow_config_changes):
+        fail(f"train.resume_allow_config_changes must be a list of model-config keys, got "
+             f"{recipe.train.resume_allow_config_changes!r}")
     if recipe.data.num_workers < 0:
         fail(f"data.num_workers must be >= 0, got {recipe.data.num_workers}")
     if recipe.parallel.precision not in ("fp32", "bf16"):

@@ -23,6 +23,7 @@ stage: checkpoints/, tensorboard/, losses.jsonl (rank 0: step and loss of every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -139,8 +140,10 @@ def prepare_synth_data(recipe: Recipe) -> None:
     ready = {"command": "omni " + " ".join(argv), "synth_version": SYNTH_VERSION}
     out = Path(spec["out"])
     ready_file = out / READY_FILE
-    # another `omni train` making this dataset right now fails at once instead of deleting what it writes
-    with RunLock(out):
+    # another `omni train` making this dataset right now fails at once instead of deleting what it writes (inside
+    # this run's own output folder, the run's lock covers it already)
+    same_folder = out.resolve() == Path(recipe.run.output_dir).resolve()
+    with contextlib.nullcontext() if same_folder else RunLock(out):
         if ready_file.is_file():
             try:
                 saved = json.loads(ready_file.read_text(encoding="utf-8"))
@@ -341,6 +344,7 @@ def run_settings(recipe: Recipe):
         save_every=t.save_every, keep_last=t.keep_last, log_every=t.log_every, stop_after_steps=t.stop_after_steps,
         max_nonfinite_in_a_row=t.max_nonfinite_in_a_row, spike_factor=t.spike_factor,
         router_alarm_max_over_mean=t.router_alarm_max_over_mean, timeout_s=t.timeout_s, tensorboard=t.tensorboard,
+        resume_allow_config_changes=tuple(t.resume_allow_config_changes),
     )
 
 
@@ -377,6 +381,17 @@ def _barrier() -> None:
 
 
 # ----------------------------------------------------------------------------- the run
+def save_run_recipe(recipe: Recipe, output: Path) -> Path:
+    """OUTPUT/recipe.yaml: the resolved recipe (omni/loading.py reads it back), through the secret scrubber the
+    checkpoints use (a token in an environment variable never lands on disk)."""
+    from training.checkpoint import scrub_secrets
+
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "recipe.yaml"
+    path.write_text(yaml.safe_dump(scrub_secrets(recipe.raw), sort_keys=False), encoding="utf-8")
+    return path
+
+
 def _hold_output_folder(output: Path, run_lock: RunLock | None) -> tuple[RunLock | None, str]:
     """Collective: (the lock this rank took, or None; the run id every rank agrees on). Rank 0 uses the lock of
     this process (`run_lock`), or of the `omni train` that launched it (OMNI_RUN_ID), or takes it; when it cannot,
@@ -427,8 +442,7 @@ def _train_stages(recipe: Recipe, output: Path, run_id: str) -> int:
     from training.stages import unwrap_model
 
     if get_rank() == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False), encoding="utf-8")
+        save_run_recipe(recipe, output)
     settings = dataclasses.replace(run_settings(recipe), run_id=run_id)
     micro_batch_size = int(recipe.data.batching.get("batch_size") or 1)
     source: Path | None = None  # the previous stage's exported MoE model
@@ -482,4 +496,4 @@ def _train_stages(recipe: Recipe, output: Path, run_id: str) -> int:
 
 
 __all__ = ["add_parser", "build_loader", "build_model", "dry_run_report", "export_stage_model", "load_tokenizer",
-           "manifest_texts", "model_config", "relaunch_with_torchrun", "run", "train"]
+           "manifest_texts", "model_config", "relaunch_with_torchrun", "run", "save_run_recipe", "train"]

@@ -36,6 +36,8 @@ from typing import Any, Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from .weights_files import CorruptFileError
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -180,55 +182,6 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(prepared, str(path), metadata=header)
     return path
-
-
-class CorruptFileError(ValueError):
-    """A weights file that does not decode (not safetensors, a broken header, truncated data); names the file."""
-
-
-class SafetensorsFile:
-    """`safetensors.safe_open` whose every decode failure is a CorruptFileError naming the file and the reason
-    (safetensors' own errors name neither). Reads a JSON header and raw bytes: no code in the file can run.
-
-        with SafetensorsFile(path) as handle:
-            tensor = handle.get_tensor(name)
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such weights file")
-        try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu").__enter__()
-        except Exception as err:  # SafetensorError and friends: not safetensors, bad header
-            raise CorruptFileError(f"{self.path}: not a readable safetensors file ({err})") from None
-
-    def keys(self) -> list[str]:
-        return list(self._handle.keys())
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle.get_tensor(name)
-        except Exception as err:  # e.g. data cut short after a valid header
-            raise CorruptFileError(f"{self.path}: tensor {name!r} does not decode ({err})") from None
-
-    def close(self) -> None:
-        self._handle.__exit__(None, None, None)
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def check_safetensors_files(folder: str | os.PathLike) -> None:
-    """Open the header of every *.safetensors under `folder` (cheap: no tensor is read): CorruptFileError names
-    the first that does not decode, before a loader that would not name it reads them."""
-    for path in sorted(Path(folder).rglob("*.safetensors")):
-        SafetensorsFile(path).close()
 
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -581,7 +534,7 @@ class CheckpointManager:
 
 __all__ = [
     "COMMITTED", "MANIFEST", "METADATA", "CheckpointCommitError", "CheckpointIntegrityError", "CheckpointManager",
-    "CorruptFileError", "SafetensorsFile", "check_safetensors_files",
+    "CorruptFileError",
     "StagedCheckpoint", "TrainingState", "load_tensors", "read_json", "safe_torch_load", "save_tensors",
     "scrub_secrets", "secret_env_values", "sha256_file", "step_dir_name", "write_json",
 ]

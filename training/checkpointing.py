@@ -46,12 +46,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import (
-    CheckpointIntegrityError, CheckpointManager, SafetensorsFile, TrainingState, load_tensors, read_json,
-    safe_torch_load, save_tensors, write_json,
+    CheckpointIntegrityError, CheckpointManager, TrainingState, load_tensors, read_json, safe_torch_load,
+    save_tensors, write_json,
 )
 from .engine import EngineSetup
 from .expert_parallel import grouped_experts, is_expert_key, moe_blocks
+from .failure_watch import raised_on_every_rank
 from .rng import load_rng_state, save_rng_state
+from .weights_files import SafetensorsFile
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def _raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
     exc_type = {"CheckpointLayoutError": CheckpointLayoutError,
                 "MasterWeightMismatchError": MasterWeightMismatchError}.get(payload["type"], RuntimeError)
     message = f"{what} failed on rank {source}: {payload['type']}: {payload['message']}"
-    raise exc_type(message) from error
+    raise raised_on_every_rank(exc_type(message)) from error
 
 
 def _world() -> tuple[int, int]:
@@ -372,7 +374,7 @@ def _write_model_description(folder: Path, model: nn.Module) -> dict[str, Any]:
         config = unwrap_model(model).config
     except TypeError:  # not an OmniMoeForCausalLM (e.g. a test's toy model): nothing omni/loading.py could load
         return {"model_config_file": None, "lora_config_dir": None}
-    write_json(folder / MODEL_CONFIG_FILE, json.loads(config.to_json_string(use_diff=False)))
+    write_json(folder / MODEL_CONFIG_FILE, _without_local_paths(json.loads(config.to_json_string(use_diff=False))))
     peft_configs = getattr(model, "peft_config", None) or {}
     if len(peft_configs) > 1:
         raise CheckpointLayoutError(f"the model carries {len(peft_configs)} PEFT adapters {sorted(peft_configs)}; "
@@ -380,6 +382,13 @@ def _write_model_description(folder: Path, model: nn.Module) -> dict[str, Any]:
     for lora_config in peft_configs.values():
         lora_config.save_pretrained(str(folder / LORA_CONFIG_DIR))
     return {"model_config_file": MODEL_CONFIG_FILE, "lora_config_dir": LORA_CONFIG_DIR if peft_configs else None}
+
+
+def _without_local_paths(config: dict) -> dict:
+    """The config minus `_name_or_path` (at every level): a folder on the machine that trained it, which a
+    checkpoint shared or uploaded should not disclose and nothing loading it needs."""
+    return {key: _without_local_paths(value) if isinstance(value, dict) else value
+            for key, value in config.items() if key != "_name_or_path"}
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -396,7 +405,7 @@ def _verify_everywhere(path: Path, verify: str) -> None:
             failure = {"file": "manifest.json", "reason": f"{type(err).__name__}: {err}"}
     agreed = _first_failure(failure)
     if agreed is not None:
-        raise CheckpointIntegrityError(path, agreed[1]["file"], agreed[1]["reason"])
+        raise raised_on_every_rank(CheckpointIntegrityError(path, agreed[1]["file"], agreed[1]["reason"]))
 
 
 def latest_training_checkpoint(manager: CheckpointManager) -> Path | None:

@@ -71,7 +71,9 @@ def init_distributed(
     """Join (or create) the default process group and return this rank's `DistInfo`.
 
     - Launched by torchrun / the deepspeed launcher / SLURM + torchrun: uses their env vars.
-    - No `WORLD_SIZE` in the environment: a one-process group on 127.0.0.1 and a free port.
+    - No `WORLD_SIZE` in the environment: a one-process group with an in-memory store (nothing listens on the
+      network but gloo's socket, bound to loopback). Multi-process jobs rendezvous over MASTER_ADDR:MASTER_PORT,
+      whose TCPStore listens on every interface: run them on a private network (docs/launch.md).
     - `deepspeed_comm`: also hand the group to `deepspeed.comm`, which DeepSpeed's engine and its expert-parallel
       group helpers use. On CPU this JIT-compiles DeepSpeed's shared-memory op the first time (30-45 s, cached in the
       torch extensions directory); plain torch code (tests of the dispatcher) can skip it.
@@ -83,12 +85,19 @@ def init_distributed(
     backend = backend or default_backend()
     if not dist.is_initialized():
         world_size = _env_int("WORLD_SIZE")
+        store = pg_options = None
         if world_size is None:
-            # single process: fill in what env:// initialisation (and DeepSpeed) expects
+            # single process: fill in what DeepSpeed expects (its shared-memory buffers are named after MASTER_ADDR
+            # and MASTER_PORT), but keep the rendezvous in memory: env:// would start a TCPStore listening on
+            # every interface for a job that has no peer
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             world_size = 1
+            store = dist.HashStore()
+            if backend == "gloo":  # gloo listens for peers on the address the hostname resolves to: loopback
+                pg_options = dist.ProcessGroupGloo._Options()
+                pg_options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
         rank = _env_int("RANK")
         if rank is None:
             raise ValueError("init_distributed: WORLD_SIZE is set but RANK is not; launch with torchrun or set both")
@@ -101,7 +110,8 @@ def init_distributed(
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s), store=store,
+            pg_options=pg_options,
         )
     if deepspeed_comm:
         import deepspeed

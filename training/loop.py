@@ -10,7 +10,8 @@
              Hugging Face folder the next stage starts from. `run.stop_after_steps` leaves early (finished=False).
 
 Every rank runs the same code and issues the same collectives in the same order; decisions that could differ per
-rank (skip a step, stop) are all-reduced first.
+rank (skip a step, stop) are all-reduced first. An exception on one rank (its forward, its data, a failed save)
+ends every rank within seconds with its cause (training/failure_watch.py), not after the collective timeout.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ from .engine import (
     DROPPED, SKIPPED, STEPPED, EngineSetup, build_deepspeed_config, expert_parameters, guarded_backward_step,
     initialize_engine, prepare_expert_parallel,
 )
+from .failure_watch import PeerFailureWatch
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
+from .resume_config import check_resume_config
 from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups, unwrap_model
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteAbort(RuntimeError):
-    pass
+    raised_on_every_rank = True  # the skip decision is all-reduced: every rank aborts at the same step
 
 
 @dataclass
@@ -68,6 +71,7 @@ class RunSettings:
     stop_after_steps: int | None = None  # leave after this many steps in this call (checkpoint saved)
     tensorboard: bool = True
     run_id: str = ""  # names this run's checkpoint staging folders (training/run_lock.py: one run per output folder)
+    resume_allow_config_changes: tuple[str, ...] = ()  # model-config keys a resumed checkpoint may differ in
 
 
 @dataclass
@@ -135,7 +139,14 @@ def train_stage(
     micro_batch_size: int,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> StageResult:
-    """Train `model` for `stage.steps` optimizer steps on batches from `loader` (a `ResumableLoader`)."""
+    """Train `model` for `stage.steps` optimizer steps on batches from `loader` (a `ResumableLoader`). An exception
+    on any rank ends every rank within seconds, naming it (training/failure_watch.py)."""
+    with PeerFailureWatch():
+        return _train_stage(model, stage, run, loader, micro_batch_size, on_checkpoint)
+
+
+def _train_stage(model, stage: StageSpec, run: RunSettings, loader: Any, micro_batch_size: int,
+                 on_checkpoint: Callable[[int], None] | None) -> StageResult:
     rank, world = get_rank(), get_world_size()
     stage_dir = Path(run.output_dir) / stage.name
     setup, model, plan = build_engine(model, stage, run, micro_batch_size)
@@ -148,6 +159,7 @@ def train_stage(
         stage_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_training_checkpoint(manager)
     if latest is not None:
+        check_resume_config(latest, model, run.resume_allow_config_changes)
         state = load_training_checkpoint(latest, setup, model)
         if state.data_state:
             loader.load_state_dict(state.data_state)

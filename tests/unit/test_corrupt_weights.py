@@ -8,8 +8,9 @@ import pytest
 from omni.cli import main
 from omni.loading import load_model_and_processor
 from tests.tiny import save_tiny_omni_folder, tiny_config
-from training.checkpoint import CheckpointManager, CorruptFileError
+from training.checkpoint import CheckpointManager
 from training.checkpointing import DENSE_FILE, LAYOUT_FILE, MODEL_CONFIG_FILE
+from training.weights_files import CorruptFileError
 
 NOT_SAFETENSORS = b"\xff" * 64  # an 8-byte header length far beyond the file: "header too large"
 
