@@ -289,6 +289,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder for a checkpoint moved out of its run")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own .py files (its auto_map) load the processor; off by default: a "
+                        "folder is read with this package's classes and none of its code runs")
     p.add_argument("--media-root", metavar="DIR",
                    help="the only folder requests may name local media files in (off by default)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (default 8)")
@@ -331,7 +334,8 @@ def build_server(args):
         dtype = torch.bfloat16 if use_bf16 else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    model, processor = load_model_and_processor(args.path, dtype=dtype, device=device, tokenizer=args.tokenizer)
+    model, processor = load_model_and_processor(args.path, dtype=dtype, device=device, tokenizer=args.tokenizer,
+                                                trust_remote_code=args.trust_remote_code)
     config = model.generation_config
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     settings = ServeSettings(

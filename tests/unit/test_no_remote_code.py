@@ -2,7 +2,7 @@
 
 The folder is a real tiny export whose config.json, tokenizer_config.json and processor_config.json name a canary
 module in it through `auto_map` (as a downloaded folder could). The canary writes a marker file when it is imported.
-`omni chat`, `omni eval` and `omni export` load it through their real entry points and the marker never appears;
+`omni chat`, `omni eval`, `omni export` and `omni serve` load it through their real entry points and the marker never appears;
 with `--trust-remote-code` (a fresh process, its own modules cache) it does, which shows the canary is reachable.
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from data.synth import generate
-from omni.cli import main
+from omni.cli import build_parser, main
+from omni.serve import build_server
 from tests.tiny import save_tiny_omni_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +62,9 @@ def test_chat_eval_and_export_never_run_the_folders_code(planted, tmp_path, caps
     assert not marker.exists(), "omni eval ran code from the model folder"
     assert main(["export", str(folder), str(tmp_path / "out")]) == 0
     assert not marker.exists(), "omni export ran code from the model folder"
+    engine, _, _ = build_server(build_parser().parse_args(["serve", str(folder), "--device", "cpu"]))
+    engine.close()
+    assert not marker.exists(), "omni serve ran code from the model folder"
     # the export is our own: no auto_map entry of the folder's is carried into it
     for name in ("config.json", "tokenizer_config.json", "processor_config.json"):
         assert "canary" not in (tmp_path / "out" / name).read_text(encoding="utf-8"), name
@@ -72,4 +76,11 @@ def test_trust_remote_code_flag_runs_the_folders_code(planted, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "omni.cli", "chat", str(folder), "-p", "hi", "--max-new-tokens", "2",
                            "--trust-remote-code"], env=env, capture_output=True, text=True, timeout=300)
     assert marker.exists(), proc.stderr[-2000:]
+    marker.unlink()
+    serve = ("from omni.cli import build_parser; from omni.serve import build_server; import sys; "
+             "build_server(build_parser().parse_args(['serve', sys.argv[1], '--device', 'cpu', "
+             "'--trust-remote-code']))[0].close()")
+    proc = subprocess.run([sys.executable, "-c", serve, str(folder)], env={**env, "HF_MODULES_CACHE": str(tmp_path / "m2")},
+                          capture_output=True, text=True, timeout=300)
+    assert marker.exists(), "omni serve --trust-remote-code did not reach the loader: " + proc.stderr[-2000:]
     marker.unlink()
