@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .quality import BAD_SCHEMA, MALFORMED_JSON, NON_UTF8, SampleRejected
+from .quality import BAD_SCHEMA, MALFORMED_JSON, NON_UTF8, RECORD_TOO_LARGE, SampleRejected
+from .schema import MAX_JSON_MANIFEST_BYTES, MAX_RECORD_BYTES
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -114,14 +115,21 @@ def _parse_line(raw: bytes) -> dict:
     return value
 
 
-def read_manifest(path: str | Path) -> Iterator[ManifestEntry]:
+def read_manifest(path: str | Path, *, max_record_bytes: int = MAX_RECORD_BYTES,
+                  max_json_bytes: int = MAX_JSON_MANIFEST_BYTES) -> Iterator[ManifestEntry]:
     """Yield every record of a `.jsonl` (one object per line) or `.json` (a list of objects) manifest.
 
-    A bad JSONL line becomes an entry with `error` set (so it is counted, not fatal); a `.json`
-    manifest that does not parse as a whole is fatal (`ValueError`), as no sample can be located.
+    A bad JSONL line becomes an entry with `error` set (so it is counted, not fatal), and so does a line over
+    `max_record_bytes` (read in bounded pieces and skipped to its end: memory stays bounded, the next line is read
+    as usual); a `.json` manifest that does not parse as a whole, or is over `max_json_bytes`, is fatal (`ValueError`),
+    as no sample can be located.
     """
     path = Path(path)
     if path.suffix == ".json":
+        size = path.stat().st_size
+        if size > max_json_bytes:
+            raise ValueError(f"manifest {path} is {size:,} bytes, over the {max_json_bytes:,}-byte limit of a .json "
+                             "manifest (parsed as one document); write it as JSONL, one sample a line")
         try:
             records = json.loads(path.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -137,15 +145,33 @@ def read_manifest(path: str | Path) -> Iterator[ManifestEntry]:
             yield entry
         return
     with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
+        for line_no, raw in enumerate(_bounded_lines(handle, max_record_bytes), start=1):
+            if raw is not None and not raw.strip():
                 continue
             entry = ManifestEntry(where=f"{path.name}:{line_no}", default_id=f"{path.stem}-{line_no:08d}")
+            if raw is None:
+                entry.error = SampleRejected(RECORD_TOO_LARGE, f"the line is over {max_record_bytes:,} bytes")
+                yield entry
+                continue
             try:
                 entry.record = _parse_line(raw)
             except SampleRejected as exc:
                 entry.error = exc
             yield entry
+
+
+def _bounded_lines(handle, limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary file, each at most `limit` bytes; a longer line is consumed and given as None."""
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n") and len(line) == limit + 1:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
+            line = handle.readline(1 << 20)
+        yield None
 
 
 def count_manifest_records(path: str | Path) -> int | None:
@@ -154,4 +180,4 @@ def count_manifest_records(path: str | Path) -> int | None:
     if path.suffix == ".json":
         return None
     with open(path, "rb") as handle:
-        return sum(1 for raw in handle if raw.strip())
+        return sum(1 for raw in _bounded_lines(handle, MAX_RECORD_BYTES) if raw is None or raw.strip())

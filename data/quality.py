@@ -35,11 +35,13 @@ EMPTY_VIDEO = "empty_video"              # a video with zero frames
 PICKLE_MEMBER = "pickle_member"          # a shard member in a pickle-based format (never decoded)
 SHARD_READ_ERROR = "shard_read_error"    # the tar itself is corrupt/truncated (rest of shard lost)
 MEDIA_TOO_LARGE = "media_too_large"      # over a MediaLimits cap: file bytes, image pixels, audio duration
+RECORD_TOO_LARGE = "record_too_large"    # a sample's JSON (manifest line or .json member) over MAX_RECORD_BYTES
 
 ALL_REASONS = (
     MALFORMED_JSON, NON_UTF8, BAD_SCHEMA, BAD_ROLE_ORDER, EMPTY_ASSISTANT, MARKER_MISMATCH,
     TOO_LONG, DUPLICATE_ID, UNSAFE_PATH, UNSUPPORTED_MEDIA, MISSING_MEDIA, IMAGE_DECODE,
     AUDIO_DECODE, EMPTY_AUDIO, VIDEO_DECODE, EMPTY_VIDEO, PICKLE_MEMBER, SHARD_READ_ERROR, MEDIA_TOO_LARGE,
+    RECORD_TOO_LARGE,
 )
 
 

@@ -30,6 +30,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from .media import (
     AUDIO_EXTENSIONS,
     DEFAULT_AUDIO_RATE,
+    DEFAULT_LIMITS,
     IMAGE_EXTENSIONS,
     PICKLE_EXTENSIONS,
     VIDEO_CONTAINER_EXTENSIONS,
@@ -41,16 +42,18 @@ from .media import (
 )
 from .quality import (
     MALFORMED_JSON,
+    MEDIA_TOO_LARGE,
     MISSING_MEDIA,
     NON_UTF8,
     PICKLE_MEMBER,
+    RECORD_TOO_LARGE,
     SHARD_READ_ERROR,
     UNSUPPORTED_MEDIA,
     DropCounters,
     DropPolicy,
     SampleRejected,
 )
-from .schema import check_length, validate_sample
+from .schema import MAX_RECORD_BYTES, check_length, validate_sample
 from .shards import load_index
 
 logger = logging.getLogger(__name__)
@@ -113,11 +116,14 @@ def iter_raw_samples(shard_paths: Sequence[str]) -> Iterator[dict]:
             yield {"__key__": f"<rest of {Path(path).name}>", "__url__": path, "__error__": repr(errors[0])}
 
 
-def _member(raw: dict, name: str, what: str) -> bytes:
+def _member(raw: dict, name: str, what: str, max_bytes: int) -> bytes:
     data = raw.get(name.lower())  # webdataset lower-cases member suffixes
     if data is None:
         raise SampleRejected(MISSING_MEDIA, f"{what} member {raw['__key__']}.{name} referenced by the JSON is "
                                             f"missing (truncated shard?)")
+    if len(data) > max_bytes:  # before any decoder sees it
+        raise SampleRejected(MEDIA_TOO_LARGE, f"{what} member {name!r} is {len(data):,} bytes, over the "
+                                              f"{max_bytes:,}-byte limit")
     return data
 
 
@@ -128,8 +134,10 @@ def _checked_name(name: str, allowed: frozenset, what: str) -> str:
 
 
 def decode_raw_sample(raw: dict, *, audio_sampling_rate: int | None = DEFAULT_AUDIO_RATE, max_length: int | None = None,
-                      length_fn: Callable[[dict], int] | None = None) -> dict:
-    """Check and decode one raw shard sample. Raises `SampleRejected` naming the reason."""
+                      length_fn: Callable[[dict], int] | None = None, max_record_bytes: int = MAX_RECORD_BYTES,
+                      max_member_bytes: int = DEFAULT_LIMITS.max_file_bytes) -> dict:
+    """Check and decode one raw shard sample. Raises `SampleRejected` naming the reason. A `.json` member over
+    `max_record_bytes` or a media member over `max_member_bytes` is rejected before it is parsed or decoded."""
     if "__error__" in raw:
         raise SampleRejected(SHARD_READ_ERROR,
                              f"shard is corrupt or truncated; rest of it skipped ({raw['__error__']})")
@@ -138,6 +146,9 @@ def decode_raw_sample(raw: dict, *, audio_sampling_rate: int | None = DEFAULT_AU
         raise SampleRejected(PICKLE_MEMBER, f"member(s) {pickles} use a pickle-based format; never decoded")
     if "json" not in raw:
         raise SampleRejected(MALFORMED_JSON, "no .json member (truncated shard, or not written by build_shards)")
+    if len(raw["json"]) > max_record_bytes:
+        raise SampleRejected(RECORD_TOO_LARGE, f"the .json member is {len(raw['json']):,} bytes, over the "
+                                               f"{max_record_bytes:,}-byte limit")
     try:
         text = raw["json"].decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -151,18 +162,18 @@ def decode_raw_sample(raw: dict, *, audio_sampling_rate: int | None = DEFAULT_AU
     check_length(sample, max_length, length_fn)
 
     # Completeness first (a truncated tar yields partial samples), then decoding.
-    image_bytes = [_member(raw, _checked_name(n, IMAGE_EXTENSIONS, f"images[{i}]"), f"images[{i}]")
-                   for i, n in enumerate(sample["images"])]
+    image_bytes = [_member(raw, _checked_name(n, IMAGE_EXTENSIONS, f"images[{i}]"), f"images[{i}]",
+                           max_member_bytes) for i, n in enumerate(sample["images"])]
     video_bytes = []
     for i, video in enumerate(sample["videos"]):
         if isinstance(video, str):
             video_bytes.append(_member(raw, _checked_name(video, VIDEO_CONTAINER_EXTENSIONS, f"videos[{i}]"),
-                                       f"videos[{i}]"))
+                                       f"videos[{i}]", max_member_bytes))
         else:
-            video_bytes.append([_member(raw, _checked_name(n, IMAGE_EXTENSIONS, f"videos[{i}]"), f"videos[{i}]")
-                                for n in video])
-    audio_bytes = [_member(raw, _checked_name(n, AUDIO_EXTENSIONS, f"audios[{i}]"), f"audios[{i}]")
-                   for i, n in enumerate(sample["audios"])]
+            video_bytes.append([_member(raw, _checked_name(n, IMAGE_EXTENSIONS, f"videos[{i}]"), f"videos[{i}]",
+                                        max_member_bytes) for n in video])
+    audio_bytes = [_member(raw, _checked_name(n, AUDIO_EXTENSIONS, f"audios[{i}]"), f"audios[{i}]",
+                           max_member_bytes) for i, n in enumerate(sample["audios"])]
 
     images = [decode_image(data, f"images[{i}]") for i, data in enumerate(image_bytes)]
     videos, fps = [], list(sample.get("video_fps") or [None] * len(video_bytes))

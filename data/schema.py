@@ -35,6 +35,11 @@ from .quality import (
 )
 
 MODALITIES = ("text", "image", "video", "audio")
+# One sample's JSON record (a manifest line, a shard's .json member): far above any real conversation, low enough
+# that a runaway line (a whole file without newlines, a base64 blob pasted inline) is rejected before it is parsed.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+# A `.json` manifest is parsed as one document: past this, use JSONL (one record a line, read line by line).
+MAX_JSON_MANIFEST_BYTES = 1024 * 1024 * 1024
 MEDIA_KINDS = ("image", "video", "audio")
 MEDIA_FIELDS = {"image": "images", "video": "videos", "audio": "audios"}
 MARKERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}

@@ -297,3 +297,39 @@ def test_writer_rejects_hostile_paths_and_decodes_audio_as_the_reader_will(tmp_p
     assert "outside the media root" in messages["symlink-escape"] and "FIFO" in messages["fifo"]
     assert "0 Hz" in messages["zero-hz"]
     assert [s["id"] for s in ShardDataset(tmp_path / "out", rank=0, world_size=1)] == ["ok"]
+
+
+def test_an_oversized_manifest_line_is_counted_and_the_next_line_still_read(tmp_path):
+    """A runaway JSONL line is read in bounded pieces and rejected under its own counter; nothing after it is lost."""
+    from data.importers import count_manifest_records, read_manifest
+
+    manifest = tmp_path / "m.jsonl"
+    small = json.dumps({"id": "a", "messages": []})
+    manifest.write_bytes(f"{small}\n".encode() + b'{"id": "huge", "text": "' + b"x" * 5000 + b'"}\n'
+                         + f"{small.replace('a', 'b')}\n".encode() + b"y" * 3000)  # the last line has no newline
+    entries = list(read_manifest(manifest, max_record_bytes=1000))
+    assert [e.where for e in entries] == ["m.jsonl:1", "m.jsonl:2", "m.jsonl:3", "m.jsonl:4"]
+    assert [e.record["id"] for e in entries if e.record] == ["a", "b"]
+    assert [e.error.reason for e in entries if e.error] == ["record_too_large", "record_too_large"]
+    assert "over 1,000 bytes" in str(entries[1].error)
+    assert count_manifest_records(manifest) == 4
+    exact = tmp_path / "exact.jsonl"  # a line of exactly the limit (newline excluded) is accepted
+    line = json.dumps({"id": "c", "pad": "z" * 50})
+    exact.write_text(line + "\n")
+    assert [e.record["id"] for e in read_manifest(exact, max_record_bytes=len(line))] == ["c"]
+    whole = tmp_path / "m.json"
+    whole.write_text(json.dumps([{"id": "a"}] * 50))
+    with pytest.raises(ValueError, match=r"m.json is [\d,]+ bytes, over the 100-byte limit .* write it as JSONL"):
+        list(read_manifest(whole, max_json_bytes=100))
+
+
+def test_oversized_shard_members_are_rejected_before_decoding():
+    from data.reader import decode_raw_sample
+
+    sample = {**good("big"), "__url__": "shard-000000.tar"}  # as the tar reader yields it
+    assert decode_raw_sample(sample)["id"] == "big"
+    with pytest.raises(SampleRejected, match=r"record_too_large: the .json member is [\d,]+ bytes, over the 50-byte"):
+        decode_raw_sample(sample, max_record_bytes=50)
+    size = len(sample["image0.png"])
+    with pytest.raises(SampleRejected, match=rf"media_too_large: images\[0\] member 'image0.png' is {size:,} bytes"):
+        decode_raw_sample(sample, max_member_bytes=size - 1)
