@@ -16,7 +16,6 @@ import termios
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile
@@ -26,6 +25,7 @@ from omni.chat import ChatSession, GenerationSettings, SettingError
 from omni.cli import main
 from omni.loading import load_model_and_processor
 from omni.media_inputs import AttachmentError, load_attachment, split_inline_markers
+from tests.e2e.serve_helpers import mp4_bytes
 from tests.tiny import save_tiny_omni_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,14 +35,7 @@ TAKE_TERMINAL_THEN_EXEC = "import fcntl, os, sys, termios; fcntl.ioctl(0, termio
 
 
 def write_mp4(path: Path, frames: int = 4, size: int = 32) -> None:
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            pixels = np.full((size, size, 3), 40 * i, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
+    path.write_bytes(mp4_bytes(frames, size))
 
 
 @pytest.fixture(scope="module")
