@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from data.quality import DropPolicy
 
@@ -52,47 +51,15 @@ def add_parser(sub) -> None:
 
 
 def run_synth(args: argparse.Namespace, rest=None) -> int:
-    from data.shards import build_shards
-    from data.synth import generate
+    from data.synth_shards import make_synth_dataset
 
-    tasks = args.tasks.split(",") if args.tasks else None
-    manifests = generate(
+    for line in make_synth_dataset(
         args.out, seed=args.seed, num=args.num, eval_num=args.eval_num, image_size=args.image_size,
-        tasks=tasks, overwrite=args.overwrite, progress=True,
-    )
-    for split, manifest in manifests.items():
-        line = f"{split}: {manifest}"
-        if not args.no_shards:
-            out = Path(args.out) / "shards" / split
-            parts = split_manifest_by_task(manifest, out) if args.shards_by_task else {"": Path(manifest)}
-            built = []
-            for task, part in parts.items():
-                index = build_shards(part, args.out, out / task, max_samples_per_shard=args.max_samples_per_shard,
-                                     policy=DropPolicy(strict=True), progress=False)
-                built.append(index)
-            line += (f" -> {sum(len(i['shards']) for i in built)} shard(s), {sum(i['num_samples'] for i in built)} "
-                     f"samples" + (f" in {len(built)} task folders" if args.shards_by_task else ""))
+        tasks=args.tasks.split(",") if args.tasks else None, max_samples_per_shard=args.max_samples_per_shard,
+        shards=not args.no_shards, shards_by_task=args.shards_by_task, overwrite=args.overwrite,
+    ):
         print(line)
     return 0
-
-
-def split_manifest_by_task(manifest: str | Path, out_dir: Path) -> dict[str, Path]:
-    """`meta.task` -> a manifest of that task's lines (written under `out_dir`/manifests/, in manifest order)."""
-    lines: dict[str, list[str]] = {}
-    with open(manifest, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                task = (json.loads(line).get("meta") or {}).get("task")
-                if not task:
-                    raise ValueError(f"{manifest}:{number}: no meta.task to group shards by")
-                lines.setdefault(task, []).append(line if line.endswith("\n") else line + "\n")
-    folder = out_dir / "manifests"
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = {}
-    for task, task_lines in sorted(lines.items()):
-        parts[task] = folder / f"{task}.jsonl"
-        parts[task].write_text("".join(task_lines), encoding="utf-8")
-    return parts
 
 
 def run_build(args: argparse.Namespace, rest=None) -> int:

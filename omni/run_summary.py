@@ -70,7 +70,7 @@ def chat_examples(folder: Path, data_dir: str, split: str, count: int) -> list[s
 def finish_run(recipe) -> None:
     """Print the eval summary, export the last stage's model to OUTPUT/export, print chat answers from it."""
     from omni.export import export_model
-    from omni.train import DONE_FILE, MODEL_DIR
+    from training.pipeline import DONE_FILE, MODEL_DIR
 
     output = Path(recipe.run.output_dir)
     names = [stage.name for stage in recipe.stages]

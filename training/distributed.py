@@ -173,6 +173,12 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def barrier() -> None:
+    """`dist.barrier()` in a distributed job; nothing in a single process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def is_main_process() -> bool:
     return get_rank() == 0
 

@@ -74,18 +74,22 @@ class RouterHealth:
         self.all_slots = 0.0
 
     def update(self, router_outputs) -> None:
-        loads = [r.tokens_per_expert.detach().float().cpu() for r in router_outputs]
+        """Add a micro-batch's loads. Stays on the loads' device (no host sync per step: `report` copies once)."""
+        loads = [r.tokens_per_expert.detach().float() for r in router_outputs]
         if self.loads is None:
             self.loads = loads
         else:
             self.loads = [a + b for a, b in zip(self.loads, loads)]
         for r, load in zip(router_outputs, loads):
-            self.all_slots += float(load.sum())
-            self.null_slots += float(r.null_fraction) * float(load.sum())
+            slots = load.sum()
+            self.all_slots = self.all_slots + slots
+            self.null_slots = self.null_slots + r.null_fraction.detach().float() * slots
 
     def report(self, reset: bool = True) -> RouterReport:
-        report = RouterReport(null_fraction=self.null_slots / self.all_slots if self.all_slots else 0.0)
+        all_slots, null_slots = float(self.all_slots), float(self.null_slots)
+        report = RouterReport(null_fraction=null_slots / all_slots if all_slots else 0.0)
         for layer, load in enumerate(self.loads or []):
+            load = load.cpu()
             for pool, ids in self.pools.items():
                 # an intra pool is judged on its own modality's tokens, the inter pool on everyone's
                 rows = [self.modalities.index(pool)] if pool in self.modalities else list(range(len(self.modalities)))

@@ -10,7 +10,7 @@ moe   our OmniSparseMoeBlock (one text pool of the preset's routed experts, top-
       forward + backward, medians of timed repetitions interleaved between the two (noise hits both alike).
 step  forward + backward + AdamW step of OmniMoeForCausalLM on random text tokens (labels = inputs), activation
       checkpointing on, weights in the run's dtype. Model FLOPs per token come from the dry run's cost model
-      (`omni/cost_model.py`: 3 x the forward FLOPs of the active path -- top-k routed experts only -- plus
+      (`training/cost_model.py`: 3 x the forward FLOPs of the active path -- top-k routed experts only -- plus
       attention), so MFU = tokens/s x model FLOPs per token / the card's peak (`--peak-tflops`, or looked up from
       the device name: H100/H200 SXM 989 bf16 dense, H100 PCIe 756, A100 312). Peak memory is the CUDA
       allocator's maximum (on the CPU: the process's maximum resident set).
@@ -32,7 +32,7 @@ import torch
 from modeling.configuration_omni import OmniMoeConfig
 from modeling.modeling_omni import OmniMoeForCausalLM
 from modeling.moe import OmniSparseMoeBlock
-from omni.cost_model import active_matmul_weights, forward_flops_per_token
+from training.cost_model import active_matmul_weights, forward_flops_per_token
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # ~1.1 B active of 2.8 B parameters: 16 layers of width 2048 (16 heads of 128, 8 KV heads), every layer MoE with

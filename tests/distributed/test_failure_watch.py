@@ -1,6 +1,6 @@
 """An exception in one rank's forward ends every rank within seconds with the cause (training/failure_watch.py).
 
-2 ranks, EP 2, the loop recipe's model on a real shard loader, real `train_stage`: a forward hook on rank 1 raises
+2 ranks, EP 2, the loop recipe's model on a real shard loader, real `train_built_stage`: a forward hook on rank 1 raises
 at its second forward pass while rank 0 goes on into the step's expert all-to-all, where it would otherwise wait
 for the process-group timeout (90 s here). Rank 0 must end by itself (exit code 1, not the harness's SIGKILL)
 printing rank 1's error, well before that timeout.
@@ -19,19 +19,14 @@ PG_TIMEOUT_S = 90
 
 
 def worker_forward_fails_on_rank_1(rank: int, world: int, args: dict) -> dict:
-    from modeling.processing_omni import OmniMoeProcessor
-    from omni.recipe import load_recipe
-    from omni.train import build_loader, build_model, load_tokenizer, run_settings
-    from training.distributed import seed_everything
-    from training.loop import train_stage
+    from training.recipe import load_recipe
+    from training.pipeline import build_stage, train_built_stage
 
     recipe = load_recipe("tests/distributed/loop_recipe.yaml", [
         f"run.output_dir={args['root']}/run", f"model.tokenizer.bpe_from={args['manifest']}",
         f"data.sources.synth={args['shards']}", "data.samples_per_epoch=16", "train.tensorboard=false",
         "stages=[{name: experts, preset: modality_experts, steps: 4, optimizer: {lr: 1.0e-2, warmup_steps: 0}}]"])
-    seed_everything(0, rank_offset=False)
-    tokenizer = load_tokenizer(recipe, None)
-    model = build_model(recipe, tokenizer, None)
+    built = build_stage(recipe, 0)
     calls = []
 
     def fail_on_the_second_forward(module, inputs):
@@ -39,9 +34,8 @@ def worker_forward_fails_on_rank_1(rank: int, world: int, args: dict) -> dict:
         if rank == 1 and len(calls) == 2:
             raise RuntimeError("injected failure in rank 1's forward")
 
-    model.model.layers[0].register_forward_pre_hook(fail_on_the_second_forward)
-    loader = build_loader(recipe, recipe.stages[0], OmniMoeProcessor.from_config(model.config, tokenizer), 0)
-    train_stage(model, recipe.stages[0], run_settings(recipe), loader, micro_batch_size=4)
+    built.model.model.layers[0].register_forward_pre_hook(fail_on_the_second_forward)
+    train_built_stage(recipe, 0, built)
     return {}
 
 

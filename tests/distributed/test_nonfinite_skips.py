@@ -19,15 +19,11 @@ CONFIGS = [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")]
 
 
 def worker_train_through_inf_gradients(rank: int, world: int, args: dict) -> dict:
-    import dataclasses
-
     import torch
 
-    from modeling.processing_omni import OmniMoeProcessor
-    from omni.recipe import load_recipe
-    from omni.train import build_loader, build_model, load_tokenizer, run_settings
-    from training.distributed import seed_everything
-    from training.loop import NonFiniteAbort, train_stage
+    from training.recipe import load_recipe
+    from training.loop import NonFiniteAbort
+    from training.pipeline import build_stage, train_built_stage
 
     outcomes = {}
     for zero, precision in CONFIGS:
@@ -37,17 +33,12 @@ def worker_train_through_inf_gradients(rank: int, world: int, args: dict) -> dic
             f"data.sources.synth={args['shards']}", "data.samples_per_epoch=16", f"parallel.zero_stage={zero}",
             f"parallel.precision={precision}", "train.max_nonfinite_in_a_row=2", "train.tensorboard=false",
             "stages=[{name: experts, preset: modality_experts, steps: 2, optimizer: {lr: 1.0e-2, warmup_steps: 0}}]"])
-        seed_everything(0, rank_offset=False)
-        tokenizer = load_tokenizer(recipe, None)
-        model = build_model(recipe, tokenizer, None)
+        built = build_stage(recipe, 0)
         if rank == 1:  # whichever parameters the stage trains
-            for param in filter(lambda p: p.requires_grad, model.parameters()):
+            for param in filter(lambda p: p.requires_grad, built.model.parameters()):
                 param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
-        processor = OmniMoeProcessor.from_config(model.config, tokenizer)
-        loader = build_loader(recipe, recipe.stages[0], processor, 0)
-        settings = dataclasses.replace(run_settings(recipe), tensorboard=False)
         try:
-            result = train_stage(model, recipe.stages[0], settings, loader, micro_batch_size=4)
+            result = train_built_stage(recipe, 0, built)
             outcomes[f"{zero}/{precision}"] = f"finished {result.state.step} steps"
         except NonFiniteAbort as exc:
             outcomes[f"{zero}/{precision}"] = str(exc)

@@ -15,11 +15,8 @@ TARGET = "tests.distributed.test_resume_config"
 
 
 def worker_resume_with_changed_config(rank: int, world: int, args: dict) -> dict:
-    from modeling.processing_omni import OmniMoeProcessor
-    from omni.recipe import load_recipe
-    from omni.train import build_loader, build_model, load_tokenizer, run_settings
-    from training.distributed import seed_everything
-    from training.loop import train_stage
+    from training.recipe import load_recipe
+    from training.pipeline import build_stage, train_built_stage
     from training.resume_config import ResumeConfigMismatch
 
     def stage(*overrides: str):
@@ -29,11 +26,7 @@ def worker_resume_with_changed_config(rank: int, world: int, args: dict) -> dict
             "train.tensorboard=false", "train.stop_after_steps=1",
             "stages=[{name: experts, preset: modality_experts, steps: 2, optimizer: {lr: 1.0e-2, warmup_steps: 0}}]",
             *overrides])
-        seed_everything(0, rank_offset=False)
-        tokenizer = load_tokenizer(recipe, None)
-        model = build_model(recipe, tokenizer, None)
-        loader = build_loader(recipe, recipe.stages[0], OmniMoeProcessor.from_config(model.config, tokenizer), 0)
-        return train_stage(model, recipe.stages[0], run_settings(recipe), loader, micro_batch_size=4)
+        return train_built_stage(recipe, 0, build_stage(recipe, 0))
 
     first = stage()  # step 1, checkpointed
     changed = ("model.config.num_experts_per_tok=1", "model.config.rope_theta=5000.0")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omni.recipe import load_recipe
+from training.recipe import load_recipe
 from tests.launching import run_in_session
 
 RECIPE = "recipes/tiny_omni.yaml"

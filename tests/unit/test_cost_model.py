@@ -1,4 +1,4 @@
-"""The dry run's cost model (omni/cost_model.py): FLOPs per token, all-to-all bytes, step-time lower bound.
+"""The dry run's cost model (training/cost_model.py): FLOPs per token, all-to-all bytes, step-time lower bound.
 
 A tiny config's FLOPs are written out here by hand from its shapes, independently of the module; the rest checks
 the documented dependence on EP size, checkpointing, placement and the stated hardware, and the report's lines.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from modeling.configuration_omni import OmniMoeConfig
-from omni.cost_model import Hardware, all_to_all_bytes_per_token, forward_flops_per_token, stage_cost
+from training.cost_model import Hardware, all_to_all_bytes_per_token, forward_flops_per_token, stage_cost
 from tests.unit.test_dry_run import RECIPE, overrides, recipe_with  # noqa: F401 (fixtures)
 
 # h 64, 4 heads x 16, 2 KV heads, vocab 100; layer 0 dense (I 128), layer 1 MoE: 2 intra x 4 modalities + 2 inter
@@ -85,7 +85,7 @@ def test_hardware_from_the_environment(monkeypatch):
 
 
 def test_the_dry_run_prints_the_cost_per_stage_at_the_stated_hardware(recipe_with, monkeypatch):  # noqa: F811
-    from omni.dry_run import dry_run_report
+    from training.dry_run import dry_run_report
 
     monkeypatch.setenv("NNODES", "4")
     monkeypatch.setenv("OMNI_PEAK_TFLOPS", "500")

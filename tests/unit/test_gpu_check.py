@@ -12,7 +12,7 @@ import re
 
 from modeling.configuration_omni import OmniMoeConfig
 from omni.benchmarks.gpu import PRESETS
-from omni.cost_model import forward_flops_per_token
+from training.cost_model import forward_flops_per_token
 from tests.launching import REPO_ROOT, launcher_env, run_in_session
 
 

@@ -74,3 +74,62 @@ def test_checker_sees_a_violation(tmp_path):
     bad.write_text("import deepspeed\nfrom training.loop import x\nfrom . import sibling\n")
     found = {(mod, level) for mod, level, _ in imports_of(bad)}
     assert ("deepspeed", 0) in found and ("training", 0) in found and ("", 1) in found
+
+
+def module_graph(packages=("omni", "training", "data")) -> dict[str, set[str]]:
+    """module -> the modules of ours it imports, wherever the import statement sits (a function-level import is
+    still a dependency: hiding a cycle inside a function does not remove it)."""
+    names = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for pkg in packages for p in python_files(pkg)}
+    names = {n.removesuffix(".__init__"): p for n, p in names.items()}
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t in names and t != name}
+        graph[name] = found
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_in_omni_training_and_data():
+    graph = module_graph()
+    assert "training.pipeline" in graph["omni.train"] and graph["omni.cli"], "the graph finder found nothing"
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle (function-level imports count): " + " -> ".join(cycle)
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

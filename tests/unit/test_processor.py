@@ -145,7 +145,7 @@ def test_build_bpe_tokenizer_is_deterministic_with_specials_and_template(tokeniz
 
 
 def test_bpe_from_a_manifest_learns_the_chat_template_role_lines(tmp_path):
-    from omni.train import manifest_texts
+    from training.build import manifest_texts
 
     manifest = tmp_path / "train.jsonl"
     with manifest.open("w") as handle:

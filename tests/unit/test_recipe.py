@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from omni.recipe import RecipeError, apply_overrides, load_recipe
+from training.recipe import RecipeError, apply_overrides, load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = REPO_ROOT / "recipes" / "tiny_omni.yaml"
@@ -102,7 +102,7 @@ def test_a_pretrained_llms_tokenizer_gets_the_media_placeholders(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from modeling.configuration_omni import OmniMoeConfig
-    from omni.train import load_tokenizer, placeholder_ids
+    from training.build import load_tokenizer, placeholder_ids
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -131,18 +131,19 @@ def test_upcycling_refuses_a_tokenizer_longer_than_the_checkpoints_embeddings(tm
 
     from transformers import Qwen2Config
 
-    from omni.train import build_model
+    from training.build import plan_model
 
     dense = tmp_path / "dense"
     dense.mkdir()
     Qwen2Config(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1).save_pretrained(dense)  # no weights: the check must come first
     ids = {"<|image|>": 5, "<|video|>": 8, "<|audio|>": 9}  # appended past the checkpoint's 8 embedding rows
-    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 10, "convert_tokens_to_ids": lambda self, t: ids[t]})()
+    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 10, "convert_tokens_to_ids": lambda self, t: ids[t],
+                                       "pad_token_id": None, "eos_token_id": None})()
     recipe = SimpleNamespace(model=SimpleNamespace(from_=None, upcycle={"dense_path": str(dense)}),
                              run=SimpleNamespace(seed=0), parallel=SimpleNamespace(precision="bf16"))
     with pytest.raises(ValueError, match=r"video_token_id=8, audio_token_id=9 outside the vocabulary \(vocab_size 8\)"):
-        build_model(recipe, tokenizer, None)
+        plan_model(recipe, SimpleNamespace(preset="modality_experts"), tokenizer)
 
 
 def test_a_bf16_run_builds_every_stage_model_in_bf16(tmp_path):
@@ -153,20 +154,23 @@ def test_a_bf16_run_builds_every_stage_model_in_bf16(tmp_path):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from omni.train import build_model
     from tests.tiny import tiny_qwen2_config
+    from training.build import build_model, compute_dtype, plan_model
 
     Qwen2ForCausalLM(tiny_qwen2_config()).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
     ids = {"<|image|>": 90, "<|video|>": 91, "<|audio|>": 92}
-    tokenizer = type("Tokenizer", (), {"convert_tokens_to_ids": lambda self, t: ids[t]})()
+    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 93, "convert_tokens_to_ids": lambda self, t: ids[t],
+                                       "pad_token_id": None, "eos_token_id": None})()
+    stage = SimpleNamespace(preset="modality_experts")
     upcycle = {"dense_path": str(tmp_path / "dense"), "moe_intermediate_size": 32, "expert_init": "slice"}
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         recipe = SimpleNamespace(model=SimpleNamespace(from_=None, upcycle=upcycle), run=SimpleNamespace(seed=0),
                                  parallel=SimpleNamespace(precision=precision))
-        model = build_model(recipe, tokenizer, None)
+        assert compute_dtype(recipe) == dtype
+        model = build_model(plan_model(recipe, stage, tokenizer), dtype)
         assert {p.dtype for p in model.parameters()} == {dtype}, precision
         assert model.config.audio_token_id == 92
         model.to(torch.float32).save_pretrained(tmp_path / precision)  # stage folders hold fp32 (master) weights
-        loaded = build_model(recipe, tokenizer, tmp_path / precision)
+        loaded = build_model(plan_model(recipe, stage, tokenizer, source=tmp_path / precision), dtype)
         assert {p.dtype for p in loaded.parameters()} == {dtype}, precision
         assert all(b.gate.e_score_correction_bias.dtype == torch.float32 for b in loaded.moe_blocks)

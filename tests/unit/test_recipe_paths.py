@@ -1,4 +1,4 @@
-"""Every path a recipe names is checked before any process starts (omni/recipe_paths.py), with the key and the path.
+"""Every path a recipe names is checked before any process starts (training/recipe_paths.py), with the key and the path.
 
 Through `omni train` itself: a missing or wrong model folder ends with exit code 2 and a message naming the recipe
 key, the path and the reason (today's alternative was a huggingface_hub traceback about repo ids), and the checks
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from omni.cli import main
-from omni.recipe import RecipeError, load_recipe
-from omni.recipe_paths import check_recipe_paths
+from training.recipe import RecipeError, load_recipe
+from training.recipe_paths import check_recipe_paths
 from tests.unit.test_dry_run import QWEN25_7B_INSTRUCT, RECIPE, SIGLIP_SO400M_384, WHISPER_LARGE_V3
 
 TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny_omni.yaml"

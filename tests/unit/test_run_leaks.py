@@ -35,8 +35,8 @@ def test_single_process_group_listens_on_loopback_only():
 
 
 def test_run_recipe_is_written_through_the_secret_scrubber(tmp_path, monkeypatch):
-    from omni.recipe import load_recipe
-    from omni.train import save_run_recipe
+    from training.recipe import load_recipe
+    from training.run_folder import save_run_recipe
 
     secret = "hf_SECRETvalue0123456789"
     monkeypatch.setenv("HF_TOKEN", secret)

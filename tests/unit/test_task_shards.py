@@ -74,8 +74,8 @@ def test_synthetic_media_samples_describe_their_media_and_the_shards_keep_it(tmp
 
 def test_omni_train_keeps_a_finished_synthetic_dataset_and_refuses_to_remake_it_in_place(tmp_path):
     from data.synth import SYNTH_VERSION
-    from omni.recipe import load_recipe
-    from omni.train import READY_FILE, SynthDataConflict, prepare_synth_data
+    from training.recipe import load_recipe
+    from training.run_folder import READY_FILE, SynthDataConflict, prepare_synth_data
     from training.run_lock import RunLock, RunLockHeld
 
     out = tmp_path / "synth"

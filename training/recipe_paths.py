@@ -18,7 +18,8 @@ from pathlib import Path
 from modeling.configuration_omni import OmniMoeConfig
 from modeling.encoders import AUDIO_CHECKPOINT_TYPES, VISION_CHECKPOINT_TYPES
 from modeling.upcycle import DENSE_MODEL_TYPES
-from omni.recipe import Recipe, RecipeError
+
+from .recipe import Recipe, RecipeError
 
 MODEL_FOLDERS = {  # recipe key -> the model types the code reading it supports
     "model.upcycle.dense_path": DENSE_MODEL_TYPES,

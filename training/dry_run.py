@@ -25,24 +25,24 @@ expert-data-parallel ranks; "N" is W for dense and W / E for expert parameters:
                  logits = T x V x (b + 4)  (model-dtype logits and their fp32 copy for the loss)
 Media encoders' activations are left out (frozen towers keep none); routing is assumed balanced over EP ranks.
 
-Per stage it also prints the cost model of `omni/cost_model.py`: FLOPs per token, all-to-all bytes per token per MoE
+Per stage it also prints the cost model of `training/cost_model.py`: FLOPs per token, all-to-all bytes per token per MoE
 layer and a step-time lower bound at a stated peak TFLOPS and link bandwidths (OMNI_PEAK_TFLOPS,
 OMNI_INTRA_NODE_GBPS, OMNI_INTER_NODE_GBPS; H100 SXM by default).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from omni.cost_model import Hardware, stage_cost
-from omni.recipe import Recipe, RecipeError
+from .build import ModelPlan, plan_model, quiet_transformers
+from .build import meta_model as meta_model_of
+from .cost_model import Hardware, stage_cost
+from .recipe import Recipe, RecipeError
 
 GIB = 1024**3
 TOWERS = ("vision_encoder", "audio_encoder", "image_projector", "audio_projector")
@@ -51,70 +51,18 @@ EXPERT_COMPONENTS = ("routed_experts", "expert_lora")
 
 # ----------------------------------------------------------------------------- the model, from config files only
 def resolve_model_config(recipe: Recipe, stage=None):
-    """(OmniMoeConfig, where it came from) of the model a stage trains; reads config.json files only."""
-    from modeling.configuration_omni import OmniMoeConfig
-
-    model = recipe.model
-    spec = model.tokenizer
-    vocab = int(spec.get("vocab_size", 512)) if isinstance(spec, dict) else None
-    if stage is not None and stage.preset == "dense_pretrain":
-        fields = {"attention_bias": True, **model.dense, "moe_layers": "none", "modalities": ["text"],
-                  "num_intra_experts": 0, "num_inter_experts": 0, "num_shared_experts": 0, "num_null_experts": 0,
-                  "vision_config": None, "audio_config": None}
-        fields.setdefault("vocab_size", vocab or 512)
-        return OmniMoeConfig(**fields), "dense LLM of a dense_pretrain stage (model.dense)"
-    if model.from_ is not None:
-        return OmniMoeConfig.from_pretrained(model.from_), f"loaded from {model.from_}/config.json"
-    if model.upcycle is not None:
-        from transformers import AutoConfig
-
-        from modeling.upcycle import dense_llm_fields, encoder_config
-
-        up = {k: v for k, v in model.upcycle.items()
-              if k not in ("dense_path", "vision_path", "audio_path", "expert_init", "noise_std", "seed", "dtype")}
-        dense_path = model.upcycle.get("dense_path")
-        if dense_path:
-            up.update(dense_llm_fields(AutoConfig.from_pretrained(dense_path)))
-            origin = f"upcycled from {dense_path}/config.json"
-        else:  # the dense LLM comes from this recipe's dense_pretrain stage
-            up.update({"attention_bias": True, **model.dense})
-            up.setdefault("vocab_size", vocab or 512)
-            origin = "upcycled from the dense_pretrain stage (model.dense)"
-        for key, kind in (("vision_path", "vision"), ("audio_path", "audio")):
-            if model.upcycle.get(key):
-                with _quiet():
-                    up[f"{kind}_config"] = encoder_config(model.upcycle[key], kind)
-                origin += f", {kind} from {model.upcycle[key]}/config.json"
-        return OmniMoeConfig(**up), origin
-    from omni.train import model_config  # lazy: omni.train imports this module
-
-    return model_config(recipe), "built from model.config (vocab size from the tokenizer spec)"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Hide transformers' log lines and warnings that say nothing about the recipe (e.g. a SigLIP checkpoint's
-    unused text-tower token ids, a deprecation inside PEFT)."""
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(previous)
+    """(OmniMoeConfig, where it came from) of the model a stage trains: the run's own plan (training/build.py),
+    from config.json files only. Without a stage: the first MoE stage's model."""
+    if stage is None:
+        stage = next((s for s in recipe.stages if s.preset != "dense_pretrain"), recipe.stages[0])
+    with quiet_transformers():
+        plan = plan_model(recipe, stage)
+    return plan.config, plan.origin
 
 
 def meta_model(config):
     """The model with every tensor on the meta device: real shapes, no memory, no initialisation cost."""
-    import torch
-
-    from modeling.modeling_omni import OmniMoeForCausalLM
-
-    with torch.device("meta"):
-        return OmniMoeForCausalLM(config)
+    return meta_model_of(ModelPlan("config", config, ""))
 
 
 def component_of(name: str) -> str:
@@ -258,7 +206,7 @@ def stage_memory(recipe: Recipe, stage, config, world_size: int) -> tuple[Memory
 
     from training.stages import apply_stage, prepare_model_for_stage
 
-    with torch.device("meta"), _quiet():  # PEFT would otherwise allocate and initialise the LoRA factors for real
+    with torch.device("meta"), quiet_transformers():  # PEFT would otherwise allocate and initialise the LoRA factors for real
         model = prepare_model_for_stage(meta_model(config), stage)
     plan = apply_stage(model, stage)
     plan.remove()  # only the plan's counts are needed
@@ -273,11 +221,11 @@ def stage_memory(recipe: Recipe, stage, config, world_size: int) -> tuple[Memory
     p = recipe.parallel
     if not plan.trainable_experts and counts.by_component.get("routed_experts") and (
             p.zero_stage in (1, 2) or p.precision == "bf16"):
-        # the rule of training/loop.py build_engine: DeepSpeed's ZeRO-1/2 and bf16 optimizers assert a MoE group, so
+        # the rule of training/parallelize.py: DeepSpeed's ZeRO-1/2 and bf16 optimizers assert a MoE group, so
         # a stage that trains no expert row keeps the (row-masked, never changing) expert tensors in the optimizer
         held_expert += counts.by_component["routed_experts"]
         notes.append(f"frozen routed experts ({counts.by_component['routed_experts']:,}) still hold gradients and "
-                     f"optimizer state: training/loop.py keeps them in a MoE group for DeepSpeed")
+                     f"optimizer state: training/parallelize.py keeps them in a MoE group for DeepSpeed")
     weights, grads, optim = state_bytes(counts.dense, counts.expert, trained["dense"], held_expert,
                                         world_size=world_size, ep_size=p.ep_size, zero_stage=p.zero_stage,
                                         precision=p.precision)
@@ -365,8 +313,8 @@ def dry_run_report(recipe: Recipe) -> str:
     lines += [(f"parallel: {nodes} node(s) x {recipe.run.nproc_per_node} processes = world {world}, "
                f"EP={p.ep_size}, ZeRO-{p.zero_stage}, {p.precision}, activation checkpointing "
                f"{'on' if recipe.train.activation_checkpointing else 'off'}, micro-batch {how} = {tokens:,} tokens"),
-              "memory per rank (estimate; the model in omni/dry_run.py and docs/launch.md) and cost per step "
-              f"(omni/cost_model.py) at {hardware.line()}:"]
+              "memory per rank (estimate; the model in training/dry_run.py and docs/launch.md) and cost per step "
+              f"(training/cost_model.py) at {hardware.line()}:"]
     for stage in recipe.stages:
         stage_config = config if stage.preset != "dense_pretrain" else resolve_model_config(recipe, stage)[0]
         estimate, trained = stage_memory(recipe, stage, stage_config, world)

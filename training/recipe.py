@@ -1,6 +1,8 @@
 """Training recipes: one YAML file per run, read into typed sections, with dotted command-line overrides.
 
-    run:       output_dir, seed, nproc_per_node
+    run:       output_dir, seed (model initialisation and upcycling noise -- identical on every rank -- then each
+               rank's Python / NumPy / torch streams as seed + stage index + rank; data order has data.seed),
+               nproc_per_node (processes per node; checked against the launcher's LOCAL_WORLD_SIZE)
     model:     exactly one of  config (OmniMoeConfig fields; vision_config / audio_config as dicts with model_type)
                                 + tokenizer,
                                upcycle {dense_path, vision_path, audio_path, expert_init, noise_std, ...MoE fields},
@@ -12,10 +14,14 @@
                (the synthetic dataset, made by `omni train` when missing), batching {strategy, batch_size, max_tokens, lookahead, packing,
                max_length}, samples_per_epoch (per rank), max_length, num_workers, seed
     parallel:  ep_size, zero_stage, precision
-    train:     gradient_accumulation_steps, gradient_clipping, save_every, keep_last, log_every,
+    train:     gradient_accumulation_steps, save_every, keep_last, log_every,
                activation_checkpointing, stop_after_steps, ... (see `TrainSection`)
     eval:      held-out evaluation after every stage (`EvalSection`)
-    stages:    a list parsed by `training.stages.parse_stages` (each stage's `data:` weights name `data.sources`)
+    stages:    a list parsed by `training.stages.parse_stages` (each stage's `data:` weights name `data.sources`;
+               its `optimizer:` holds the LR schedule and `grad_clip`, the one clipping key)
+
+`model.config`, `model.upcycle` and `model.dense` are checked against OmniMoeConfig's fields (and upcycle's own
+options): a misspelt field is an error naming it, never a silently ignored attribute.
 
 Overrides (`omni train RECIPE train.save_every=2 stages.0.steps=10`) are applied to the raw YAML before validation;
 values are parsed as YAML scalars (`1e-3` -> float, `true` -> bool, `[a, b]` -> list, `null` -> None). Every error
@@ -25,6 +31,7 @@ names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from training.stages import StageConfigError, StageSpec, parse_stages
+from .stages import StageConfigError, StageSpec, parse_stages
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SECTIONS = ("run", "model", "data", "parallel", "train", "eval", "stages")
@@ -99,7 +106,6 @@ class ParallelSection:
 @dataclass
 class TrainSection:
     gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0
     save_every: int = 100
     keep_last: int = 2
     log_every: int = 10
@@ -206,6 +212,7 @@ def _check_values(recipe: Recipe, fail) -> None:
         unknown = sorted(set(model.tokenizer) - {"bpe_from", "vocab_size"})
         if unknown or "bpe_from" not in model.tokenizer:
             fail(f"model.tokenizer: expected a folder or {{bpe_from: MANIFEST, vocab_size: N}}, got {model.tokenizer}")
+    _check_model_fields(model, fail)
     dense_stages = [i for i, st in enumerate(recipe.stages) if st.preset == "dense_pretrain"]
     if dense_stages and (dense_stages != [0] or model.dense is None or model.upcycle is None):
         fail("a dense_pretrain stage must be stages.0, with model.dense (its Qwen2 fields) and model.upcycle "
@@ -238,6 +245,55 @@ def _check_values(recipe: Recipe, fail) -> None:
             fail(f"stages.{i}.steps: omni train counts stages in optimizer steps; give steps (not epochs)")
 
 
+# keys of earlier versions, with what replaced them (a clearer error than "unknown key")
+REMOVED_KEYS = {"train.gradient_clipping": "clipping is set per stage by stages.N.optimizer.grad_clip (default 1.0; "
+                                           "null turns it off)"}
+# upcycle()'s own options (modeling/upcycle.py); its other keys are OmniMoeConfig fields
+UPCYCLE_OPTIONS = ("dense_path", "vision_path", "audio_path", "expert_init", "noise_std", "seed")
+TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "audio_token_id", "pad_token_id", "bos_token_id",
+                   "eos_token_id")
+
+
+def model_config_fields() -> tuple[list[str], list[str]]:
+    """(every OmniMoeConfig field, the LLM fields -- vocab_size .. tie_word_embeddings), in signature order."""
+    import inspect
+
+    from modeling.configuration_omni import OmniMoeConfig
+
+    names = [n for n, p in inspect.signature(OmniMoeConfig.__init__).parameters.items()
+             if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return names, names[:names.index("tie_word_embeddings") + 1]
+
+
+def _check_model_fields(model: ModelSection, fail) -> None:
+    """OmniMoeConfig accepts unknown keyword arguments (as every transformers config does), so a misspelt field
+    would become a silently ignored attribute: every key is checked here instead."""
+    every, llm = model_config_fields()
+    allowed = {
+        "config": set(every),
+        "upcycle": (set(every) - set(llm)) | set(UPCYCLE_OPTIONS) | set(TOKEN_ID_FIELDS),
+        "dense": set(llm),  # the dense LLM has no experts, media towers or placeholders
+    }
+    for key, known in allowed.items():
+        section = getattr(model, key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            fail(f"model.{key} must be a mapping, got {type(section).__name__}")
+        unknown = sorted(set(section) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            fail(f"unknown key model.{key}.{unknown[0]}{hint}; model.{key} takes {_fields_hint(key)}")
+
+
+def _fields_hint(key: str) -> str:
+    return {"config": "OmniMoeConfig fields (modeling/configuration_omni.py)",
+            "upcycle": f"{list(UPCYCLE_OPTIONS)} and OmniMoeConfig's MoE / media fields (the LLM fields come from "
+                       "the dense checkpoint)",
+            "dense": "the LLM fields of OmniMoeConfig (vocab_size .. tie_word_embeddings)"}[key]
+
+
 def build_recipe(raw: Any, path: str = "<recipe>") -> Recipe:
     """Validate a raw recipe mapping (already overridden) into a `Recipe`."""
     def fail(message: str):
@@ -251,6 +307,10 @@ def build_recipe(raw: Any, path: str = "<recipe>") -> Recipe:
     for key in ("run", "model", "data", "stages"):
         if key not in raw:
             fail(f"missing key {key}")
+    for key, replacement in REMOVED_KEYS.items():
+        section, _, leaf = key.partition(".")
+        if isinstance(raw.get(section), dict) and leaf in raw[section]:
+            fail(f"{key} was removed: {replacement}")
     try:
         stages = parse_stages(raw["stages"])
     except StageConfigError as exc:
