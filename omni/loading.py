@@ -34,7 +34,7 @@ import torch
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
-_RUN_TOKENIZER_DIR = "tokenizer"  # OUTPUT/tokenizer: the BPE `omni train` trains for a run (omni/train.py)
+_RUN_TOKENIZER_DIR = "tokenizer"  # OUTPUT/tokenizer: the BPE `omni train` trains for a run (training/build.py)
 _STAGE_MODEL_DIR = "model"
 
 
@@ -302,7 +302,7 @@ def tokenizer_source(checkpoint: str | Path) -> Path:
 
 def checkpoint_processor(spec: CheckpointSpec, tokenizer: str | Path | None = None):
     """OmniMoeProcessor for a checkpoint: its config + the run's tokenizer (or `tokenizer`, a folder)."""
-    # the fast-tokenizer class directly (as omni/train.py): AutoTokenizer would read a model folder's auto_map
+    # the fast-tokenizer class directly (as training/build.py): AutoTokenizer would read a model folder's auto_map
     from transformers import PreTrainedTokenizerFast
 
     from modeling.processing_omni import OmniMoeProcessor

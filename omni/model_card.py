@@ -21,7 +21,7 @@ import yaml
 
 from omni.loading import RunLocation
 
-DONE_FILE = "DONE.json"  # omni/train.py
+DONE_FILE = "DONE.json"  # training/pipeline.py
 EVAL_FILE = "eval.json"  # omni eval
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

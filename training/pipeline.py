@@ -162,7 +162,7 @@ def _run_stages(recipe: Recipe, output: Path, run_id: str) -> int:
             }, indent=2) + "\n")
             print(f"omni train: stage {stage.name} done -> {stage_dir / MODEL_DIR}", flush=True)
         barrier()
-        evaluate_stage(recipe, stage.name, _eval_model(kind, result, stage_dir), built.processor, stage_dir,
+        evaluate_stage(recipe, stage.name, _eval_model(recipe, kind, result, stage_dir), built.processor, stage_dir,
                        text_only=kind.text_only, final=index == len(recipe.stages) - 1)
         hand_off = hand_off.after(kind, stage_dir / MODEL_DIR)
         del result, built
@@ -170,13 +170,17 @@ def _run_stages(recipe: Recipe, output: Path, run_id: str) -> int:
     return 0  # stopped early on purpose (stop_after_steps) is a success too
 
 
-def _eval_model(kind: StageKind, result, stage_dir: Path):
-    """The model eval scores: the exported folder (what a user downloads); a dense LLM is whole on every rank."""
+def _eval_model(recipe: Recipe, kind: StageKind, result, stage_dir: Path):
+    """The model eval scores, on the engine's device in the run's precision: the exported folder (what a user
+    downloads); a dense LLM is whole on every rank already."""
     if kind.hands_off == "dense":
         return unwrap_model(result.model)
+    import torch
+
     from modeling.modeling_omni import OmniMoeForCausalLM
 
-    return OmniMoeForCausalLM.from_pretrained(str(stage_dir / MODEL_DIR))
+    model = OmniMoeForCausalLM.from_pretrained(str(stage_dir / MODEL_DIR), dtype=compute_dtype(recipe))
+    return model.to(torch.device(result.setup.engine.device))
 
 
 __all__ = ["DONE_FILE", "MODEL_DIR", "STAGE_KINDS", "BuiltStage", "HandOff", "StageKind", "build_stage", "run_training",
