@@ -151,7 +151,8 @@ def two_node_run(data, tmp_path_factory) -> dict:
 
     output = tmp_path_factory.mktemp("two_nodes")
     tag, port = uuid.uuid4().hex, free_port()
-    commands = [(["bash", "launch/torchrun.sh", *train_overrides(data, output)],
+    # run.nproc_per_node=1: the recipe's 2 per node would be refused against the launcher's 1 (LOCAL_WORLD_SIZE)
+    commands = [(["bash", "launch/torchrun.sh", *train_overrides(data, output), "run.nproc_per_node=1"],
                  _env(tag, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port)))
                 for node in (0, 1)]
