@@ -12,6 +12,12 @@
  "meta": {"modality": "image", ...}}
 ```
 
+Optional `meta` fields the pipeline reads: `modality` (one of MODALITIES; inferred from the first media marker when
+absent), `task` (eval groups results by it), `media_text` (`strip_media`), and `metric` -- how evaluation should
+judge the answer, one of ANSWER_METRICS: "exact_match" and "token_f1" are reported for every sample anyway, and a
+sample with "wer" (a transcription: the answer is a word sequence where each word counts) adds word error rate to
+the eval groups it belongs to (`training.scoring`).
+
 `validate_sample` raises `SampleRejected(reason, detail)` naming the offending field; the reasons
 are the counters of `data.quality`. Inside a shard the media paths are member names; the rules
 are the same.
@@ -44,6 +50,8 @@ MEDIA_KINDS = ("image", "video", "audio")
 MEDIA_FIELDS = {"image": "images", "video": "videos", "audio": "audios"}
 MARKERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 ROLES = ("system", "user", "assistant")
+WER_METRIC = "wer"  # meta.metric of a transcription sample
+ANSWER_METRICS = ("exact_match", "token_f1", WER_METRIC)  # values of the optional meta.metric
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MARKERS.values()) + ")")
 _KIND_OF_MARKER = {marker: kind for kind, marker in MARKERS.items()}
 
@@ -223,6 +231,8 @@ def validate_sample(sample: Any, *, max_length: int | None = None, length_fn: Le
         raise SampleRejected(BAD_SCHEMA, f"'meta' must be an object, got {type(meta).__name__}")
     if meta.get("modality") is not None and meta["modality"] not in MODALITIES:
         raise SampleRejected(BAD_SCHEMA, f"meta.modality {meta['modality']!r} is not one of {MODALITIES}")
+    if meta.get("metric") is not None and meta["metric"] not in ANSWER_METRICS:
+        raise SampleRejected(BAD_SCHEMA, f"meta.metric {meta['metric']!r} is not one of {ANSWER_METRICS}")
 
     normalised = dict(sample)
     for name in MEDIA_FIELDS.values():

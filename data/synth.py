@@ -21,10 +21,14 @@ Attribute combinations (shape x colour x position, shape x direction, digit coun
 stratified: each task cycles through a fresh permutation of all combinations, so answers are
 balanced and every combination appears once `num` covers a cycle.
 
-Design choices that keep it learnable (GUIDE §6, "Learnability calibration"): a 32 px canvas,
-shapes ~0.34-0.41 of the canvas inside one quadrant (large shapes made shape recognition easy),
-six well-separated hues, DTMF-like tone pairs spread far apart on the mel scale, clips within one
-1 s Whisper chunk, short exact answers.
+Design choices that keep it learnable, calibrated with a plain 1.9 M-parameter dense model trained jointly on all
+tasks (every task reached >= 0.90 held-out exact match within ~920 steps of 64 samples): a 32 px canvas, shapes
+~0.34-0.41 of the canvas inside one quadrant (shape is the hardest task; enlarging the shapes 1.25x made it easy),
+six well-separated hues, DTMF-like tone pairs spread far apart on the mel scale, clips within one 1 s
+Whisper chunk, short exact answers. Rendering the media is `data.synth_media`.
+
+Evaluation: `audio_transcribe` samples carry `meta.metric = "wer"` (`data.schema`), so eval reports their word
+error rate next to exact match and token F1 (`training.scoring`).
 """
 
 from __future__ import annotations
@@ -34,53 +38,44 @@ import json
 import os
 import shutil
 import time
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from .schema import MARKERS, WER_METRIC
+from .synth_media import (
+    COLOURS,
+    SAMPLE_RATE,
+    SHAPES,
+    render_image,
+    render_video,
+    save_png,
+    synth_digit_audio,
+    write_wav,
+)
 
 DATASET_NAME = "synth"
-# bumped whenever the samples a seed gives change (2: meta.media_text), so a dataset made by older code is remade
-SYNTH_VERSION = 2
+# bumped whenever the samples a seed gives change (2: meta.media_text; 3: meta.metric), so a dataset made by older
+# code is remade
+SYNTH_VERSION = 3
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 DEFAULT_NUM = 4400  # 400 train samples per task
 DEFAULT_IMAGE_SIZE = 32
 
-SHAPES = ("circle", "square", "triangle", "cross")
-# Hues spread around the colour wheel (~40-70 degrees apart) so a 32 px patch is unambiguous.
-COLOURS = {
-    "red": (220, 30, 30),
-    "yellow": (235, 215, 25),
-    "green": (30, 185, 45),
-    "cyan": (25, 205, 215),
-    "blue": (35, 65, 235),
-    "purple": (155, 45, 215),
-}
 COLOURS_LIST = tuple(COLOURS)
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 DIRECTIONS = ("left", "right", "up", "down")
 COLOUR_JITTER = 18  # per channel, so images never repeat exactly and colour is a range, not a value
 MAX_BACKGROUND = 40  # dark grey background level in [0, MAX_BACKGROUND]
 
-SAMPLE_RATE = 16000
 MAX_CLIP_SECONDS = 1.0  # tiny Whisper configs use 1 s chunks
-# DTMF-like keypad: digit -> (low tone, high tone). Real DTMF tones are ~70 Hz apart; these are
-# >= 200 Hz (low group) and >= 650 Hz (high group) apart, several 80-bin log-mel bins each.
-LOW_TONES_HZ = (450.0, 650.0, 900.0, 1250.0)
-HIGH_TONES_HZ = (1750.0, 2400.0, 3300.0)
-DIGIT_TONES = {
-    str(d): (LOW_TONES_HZ[(d - 1) // 3], HIGH_TONES_HZ[(d - 1) % 3]) for d in range(1, 10)
-} | {"0": (LOW_TONES_HZ[3], HIGH_TONES_HZ[1])}
 DIGIT_COUNTS = (2, 3, 4)
 TONE_SECONDS = (0.12, 0.16)
 GAP_SECONDS = (0.06, 0.09)
 LEAD_SECONDS = (0.02, 0.05)
 TAIL_SECONDS = 0.02
-FADE_SECONDS = 0.008  # raised-cosine edges: no clicks smearing energy over all frequencies
-NOISE_STD = 0.003
 
 VIDEO_FRAMES = 4
 VIDEO_FPS = 2.0
@@ -90,15 +85,17 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 @dataclass(frozen=True)
 class SynthTask:
-    """A task: its modality and the question phrasings (`str.format` templates)."""
+    """A task: its modality, the question phrasings (`str.format` templates) and the `meta.metric` its samples
+    declare (None: none, exact match and token F1 are reported for every sample anyway)."""
 
     name: str
     modality: str
     phrasings: tuple[str, ...]
+    metric: str | None = None
 
 
-def _task(name: str, modality: str, *phrasings: str) -> tuple[str, SynthTask]:
-    return name, SynthTask(name, modality, phrasings)
+def _task(name: str, modality: str, *phrasings: str, metric: str | None = None) -> tuple[str, SynthTask]:
+    return name, SynthTask(name, modality, phrasings, metric)
 
 
 TASKS: dict[str, SynthTask] = dict([
@@ -111,7 +108,7 @@ TASKS: dict[str, SynthTask] = dict([
     _task("image_position", "image", "Where is the shape?", "In which corner is the shape?",
           "Where in the image is the shape located?"),
     _task("audio_transcribe", "audio", "Transcribe the digits.", "What digits are played?",
-          "Which digits do you hear?"),
+          "Which digits do you hear?", metric=WER_METRIC),
     _task("audio_count", "audio", "How many beeps?", "How many beeps are there?",
           "How many tones do you hear?"),
     _task("video_direction", "video", "Which way does the {shape} move?",
@@ -125,33 +122,9 @@ TASKS: dict[str, SynthTask] = dict([
           "What is the sum of {a} and {b}?"),
 ])
 
-_MARKERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 _IMAGE_COMBOS = [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
 _VIDEO_COMBOS = [(s, d) for s in SHAPES for d in DIRECTIONS]
 _STRATA_STREAM, _SAMPLE_STREAM = 1, 2  # separate SeedSequence namespaces per split
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, strip, collapse whitespace and drop one trailing period."""
-    text = " ".join(text.split()).lower()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text
-
-
-def score(prediction: str, answer: str) -> bool:
-    """Exact match after `normalize_answer` on both sides (eval of the synthetic tasks)."""
-    return normalize_answer(prediction) == normalize_answer(answer)
-
-
-def word_accuracy(prediction: str, answer: str) -> float:
-    """Partial credit: the share of answer words the prediction has at the same place, over the longer of the two
-    (after `normalize_answer`). "a red cross at the top left" for "a red circle at the top right": 5/7. Shows what
-    an answer already gets right (colour, position, most digits) where exact match is still 0."""
-    predicted, expected = normalize_answer(prediction).split(), normalize_answer(answer).split()
-    if not predicted and not expected:
-        return 1.0
-    return sum(p == e for p, e in zip(predicted, expected)) / max(len(predicted), len(expected))
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -163,84 +136,12 @@ def split_seed(seed: int, split: str) -> int:
     return seed * 1000 + SPLIT_INDEX[split]
 
 
-# ----------------------------------------------------------------------------- rendering
+# ----------------------------------------------------------------------------- planning
 
 def _jittered_colour(rng: np.random.Generator, name: str) -> tuple[int, int, int]:
     base = np.array(COLOURS[name])
     return tuple(int(v) for v in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255))
 
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, size: int, fill) -> None:
-    """Draw `shape` filling the box [x0, x0 + size) x [y0, y0 + size), without antialiasing."""
-    x1, y1 = x0 + size - 1, y0 + size - 1
-    if shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
-    elif shape == "cross":
-        bar = max(2, round(size / 3))
-        lo = x0 + (size - bar) // 2
-        top = y0 + (size - bar) // 2
-        draw.rectangle((lo, y0, lo + bar - 1, y1), fill=fill)
-        draw.rectangle((x0, top, x1, top + bar - 1), fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-
-
-def _canvas(size: int, background: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (size, size), (background,) * 3)
-    return image, ImageDraw.Draw(image)
-
-
-def render_image(render: Mapping[str, Any], image_size: int) -> Image.Image:
-    image, draw = _canvas(image_size, render["background"])
-    _draw_shape(draw, render["shape"], render["x0"], render["y0"], render["size"], tuple(render["rgb"]))
-    return image
-
-
-def render_video(render: Mapping[str, Any], image_size: int) -> list[Image.Image]:
-    frames = []
-    for x0, y0 in render["path"]:
-        image, draw = _canvas(image_size, render["background"])
-        _draw_shape(draw, render["shape"], x0, y0, render["size"], tuple(render["rgb"]))
-        frames.append(image)
-    return frames
-
-
-def synth_digit_audio(render: Mapping[str, Any]) -> np.ndarray:
-    """int16 waveform at SAMPLE_RATE: lead silence, then one two-tone burst per digit with gaps."""
-    total = render["num_samples"]
-    wave_f = np.zeros(total, dtype=np.float64)
-    fade = int(FADE_SECONDS * SAMPLE_RATE)
-    ramp = 0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, fade))
-    for tone in render["tones"]:
-        n = tone["length"]
-        t = np.arange(n) / SAMPLE_RATE
-        low, high = DIGIT_TONES[tone["digit"]]
-        burst = 0.5 * np.sin(2 * np.pi * low * t + tone["phase"][0]) + 0.5 * np.sin(2 * np.pi * high * t + tone["phase"][1])
-        envelope = np.ones(n)
-        envelope[:fade], envelope[n - fade:] = ramp, ramp[::-1]
-        wave_f[tone["start"]:tone["start"] + n] += tone["amplitude"] * burst * envelope
-    wave_f += np.random.default_rng(render["noise_seed"]).normal(0.0, NOISE_STD, total)
-    return np.round(np.clip(wave_f, -1.0, 1.0) * 32767).astype("<i2")
-
-
-def write_wav(path: Path, samples: np.ndarray) -> None:
-    """16-bit mono PCM WAV via the standard library (no timestamps: byte-identical per content)."""
-    with wave.open(str(path), "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(SAMPLE_RATE)
-        handle.writeframes(samples.astype("<i2").tobytes())
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    image.save(path, format="PNG", compress_level=6)  # fixed params; PIL adds no time chunk
-
-
-# ----------------------------------------------------------------------------- planning
 
 def _stratum(split_rng_seed: int, task_index: int, k: int, combos: Sequence) -> Any:
     """The k-th sample of a task takes entry k of a per-cycle random permutation of `combos`."""
@@ -355,7 +256,7 @@ def _write_media(plan: PlannedSample, split: str, out_dir: Path, image_size: int
     stem = f"{plan.index:06d}"
     if modality == "image":
         rel = f"images/{split}/{stem}.png"
-        _save_png(render_image(plan.render, image_size), out_dir / rel)
+        save_png(render_image(plan.render, image_size), out_dir / rel)
         return {"images": [rel]}
     if modality == "video":
         frame_dir = out_dir / "videos" / split / stem
@@ -363,7 +264,7 @@ def _write_media(plan: PlannedSample, split: str, out_dir: Path, image_size: int
         rels = []
         for f, frame in enumerate(render_video(plan.render, image_size)):
             rels.append(f"videos/{split}/{stem}/f{f}.png")
-            _save_png(frame, out_dir / rels[-1])
+            save_png(frame, out_dir / rels[-1])
         return {"videos": [rels], "video_fps": [VIDEO_FPS]}
     if modality == "audio":
         rel = f"audio/{split}/{stem}.wav"
@@ -374,8 +275,8 @@ def _write_media(plan: PlannedSample, split: str, out_dir: Path, image_size: int
 
 def to_sample(plan: PlannedSample, split: str, media: Mapping[str, Any]) -> dict:
     """The canonical sample dict (see docs/architecture.md and the data format)."""
-    modality = TASKS[plan.task].modality
-    marker = _MARKERS.get(modality)
+    task = TASKS[plan.task]
+    modality, marker = task.modality, MARKERS.get(task.modality)
     user = f"{marker}\n{plan.question}" if marker else plan.question
     return {
         "id": f"{split}-{modality}-{plan.index:06d}",
@@ -383,7 +284,8 @@ def to_sample(plan: PlannedSample, split: str, media: Mapping[str, Any]) -> dict
         **media,
         "meta": {"task": plan.task, "modality": modality, "split": split, "dataset": DATASET_NAME,
                  "answer": plan.answer, "attributes": plan.attributes,
-                 **({"media_text": [describe_media(modality, plan.attributes)]} if marker else {})},
+                 **({"media_text": [describe_media(modality, plan.attributes)]} if marker else {}),
+                 **({"metric": task.metric} if task.metric else {})},
     }
 
 

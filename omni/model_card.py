@@ -6,7 +6,8 @@ Front matter: `library_name: transformers`, `pipeline_tag` (from the encoders pr
 (when the recipe names a Hub model), `tags`. Body: how to load it, the architecture, the expert layout per
 modality (router columns = global expert ids), the stages the run went through (recipe: what each trained, its
 data mix and steps; DONE.json: the steps actually run), and an evaluation table for every stage with an eval.json
-(written by `omni eval`: {"per_modality": {...}, "per_task": {...}, "overall": x, "num_samples": n}).
+(written by `training.stage_eval`, the shape `omni eval --json` writes: {"per_modality": {name: {"n", "exact_match",
+"token_f1", ...}}, "per_task": {...}, "overall": exact match, "num_samples": n}).
 Local paths from the recipe never appear (data sources are shown by name), and secrets are scrubbed.
 """
 
@@ -20,9 +21,9 @@ from typing import Any
 import yaml
 
 from omni.loading import RunLocation
+from training.stage_eval import EVAL_FILE
 
 DONE_FILE = "DONE.json"  # training/pipeline.py
-EVAL_FILE = "eval.json"  # omni eval
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

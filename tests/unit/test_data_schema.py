@@ -79,6 +79,8 @@ BAD_CASES = {
     "lone surrogate": (mutated(messages=[USER, {"role": "assistant", "content": "bad \udcff"}]),
                        quality.NON_UTF8, "sample.messages[1].content is not valid UTF-8"),
     "bad modality": (mutated(meta={"modality": "smell"}), quality.BAD_SCHEMA, "meta.modality 'smell'"),
+    "bad metric": (mutated(meta={"metric": "bleu"}), quality.BAD_SCHEMA,
+                   "meta.metric 'bleu' is not one of ('exact_match', 'token_f1', 'wer')"),
 }
 
 
@@ -97,6 +99,7 @@ def test_valid_sample_is_normalised():
     assert out["images"] == out["videos"] == out["audios"] == []
     assert out["meta"]["modality"] == "text"
     assert validate_sample(VALID)["meta"]["modality"] == "image"
+    assert validate_sample({**VALID, "meta": {"metric": "wer"}})["meta"]["metric"] == "wer"
 
 
 def test_primary_modality_is_the_first_marker_unless_given():

@@ -1,15 +1,20 @@
-"""`omni eval` on a tiny random exported model and a tiny synthetic dataset (two samples per task)."""
+"""Evaluation (training/evaluation.py) and `omni eval` on a tiny random exported model: a tiny synthetic dataset (two
+samples per task) and a hand-written manifest that is not the synthetic generator's."""
 
 import json
+import wave
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from data.synth import TASKS, generate, word_accuracy
+from data.synth import TASKS, generate
 from omni.cli import main
-from omni.evaluate import Prediction, generate_answers, load_split, score_predictions
 from omni.loading import load_model_and_processor
 from tests.tiny import save_tiny_omni_folder
+from training.evaluation import evaluate, generate_answers, load_split
+from training.scoring import exact_match, token_f1, word_edits
 
 SAMPLES_PER_TASK = 2
 
@@ -47,6 +52,24 @@ def test_cli_end_to_end_writes_table_and_json_with_routing(dataset, model_dir, t
     correct = sum(r["n"] * r["exact_match"] for r in report["per_task"].values())
     assert report["overall"] == pytest.approx(correct / total)
     assert report["examples"] and {"question", "answer", "prediction"} <= set(report["examples"][0])
+    # two samples per task: the examples are every prediction, so the scores can be recomputed from them
+    for task, scores in report["per_task"].items():
+        shown = [e for e in report["examples"] if e["task"] == task]
+        assert len(shown) == scores["n"] and all(e["correct"] == exact_match(e["prediction"], e["answer"])
+                                                 for e in shown)
+        assert scores["exact_match"] == pytest.approx(sum(e["correct"] for e in shown) / len(shown))
+        assert scores["token_f1"] == pytest.approx(sum(token_f1(e["prediction"], e["answer"]) for e in shown)
+                                                   / len(shown))
+        if task == "audio_transcribe":  # the synthetic transcription declares meta.metric "wer"
+            edits, words = map(sum, zip(*(word_edits(e["prediction"], e["answer"]) for e in shown)))
+            assert scores["wer"] == pytest.approx(edits / words) and scores["wer_samples"] == SAMPLES_PER_TASK
+        else:
+            assert "wer" not in scores, task
+    assert report["per_modality"]["audio"]["wer_samples"] == SAMPLES_PER_TASK  # audio_count is not part of it
+    assert report["per_modality"]["audio"]["wer"] == report["per_task"]["audio_transcribe"]["wer"]
+    assert not any("wer" in report["per_modality"][m] for m in ("text", "image", "video"))
+    assert report["overall_scores"]["n"] == total and report["overall_scores"]["exact_match"] == report["overall"]
+    assert "token F1" in table and "WER" in table
 
     routing = report["routing"]
     assert routing["num_moe_layers"] == 2 and set(routing["per_modality"]) == {"text", "image", "video", "audio"}
@@ -86,47 +109,74 @@ def test_batched_left_padded_generation_equals_one_sample_at_a_time(dataset, mod
 
 
 def test_evaluate_restores_training_mode(dataset, model_dir):
-    from omni.evaluate import evaluate
-
     model, processor = load_model_and_processor(model_dir)
     model.train()
     report = evaluate(model, processor, load_split(dataset, "test", limit=2), dataset, max_new_tokens=1)
     assert model.training and report.num_samples == 2
 
 
-def test_scoring_normalises_and_aggregates_per_task_and_modality():
-    cases = [  # (task, modality, prediction, answer, correct after normalize_answer)
-        ("image_colour", "image", "Red.", "red", True),
-        ("image_colour", "image", "  blue   green ", "blue green", True),
-        ("image_colour", "image", "red", "blue", False),
-        ("image_caption", "image", "A Cross at the TOP left", "a cross at the top left.", True),
-        ("audio_transcribe", "audio", "1 2", "12", False),
-        ("audio_transcribe", "audio", "1 2 3..", "1 2 3", False),  # only ONE trailing period is dropped
+def _write_foreign_dataset(root):
+    """A manifest in the canonical format written by hand, not by data/synth.py: a system prompt, a multi-turn image
+    conversation, no meta at all on one sample (task and modality inferred), a speech-style metric declared per
+    sample, a WAV and a PNG of its own."""
+    (root / "media").mkdir(parents=True)
+    Image.fromarray(np.full((32, 32, 3), (200, 40, 40), dtype=np.uint8)).save(root / "media" / "red.png")
+    for name, seconds in (("one.wav", 0.4), ("two.wav", 0.6)):
+        t = np.arange(int(16000 * seconds)) / 16000
+        with wave.open(str(root / "media" / name), "wb") as handle:
+            handle.setnchannels(1)
+            handle.setsampwidth(2)
+            handle.setframerate(16000)
+            handle.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
+    samples = [
+        {"id": "chat-1", "messages": [{"role": "system", "content": "Answer briefly."},
+                                      {"role": "user", "content": "What is 2 plus 3?"},
+                                      {"role": "assistant", "content": "5"}]},
+        {"id": "vqa-1", "images": ["media/red.png"], "meta": {"task": "vqa"},
+         "messages": [{"role": "user", "content": "<image>\nDescribe the image."},
+                      {"role": "assistant", "content": "a red square"},
+                      {"role": "user", "content": "Which colour is it?"},
+                      {"role": "assistant", "content": "Red."}]},
+        {"id": "asr-1", "audios": ["media/one.wav"], "meta": {"task": "asr", "metric": "wer"},
+         "messages": [{"role": "user", "content": "<audio>\nTranscribe the digits."},
+                      {"role": "assistant", "content": "1 2 3"}]},
+        {"id": "asr-2", "audios": ["media/two.wav"], "meta": {"task": "asr", "metric": "wer"},
+         "messages": [{"role": "user", "content": "<audio>\nTranscribe the digits."},
+                      {"role": "assistant", "content": "4 5 6 7"}]},
     ]
-    predictions = [Prediction(f"s{i}", task, modality, "q?", answer, prediction)
-                   for i, (task, modality, prediction, answer, _) in enumerate(cases)]
-    assert [p.correct for p in predictions] == [c[-1] for c in cases]
-    report = score_predictions(predictions)
-    # word accuracy: "1 2" vs "12" has no word right (0/2); "1 2 3." vs "1 2 3" two of three
-    assert report.per_task == {
-        "audio_transcribe": {"n": 2, "exact_match": 0.0, "word_accuracy": pytest.approx(1 / 3)},
-        "image_caption": {"n": 1, "exact_match": 1.0, "word_accuracy": 1.0},
-        "image_colour": {"n": 3, "exact_match": pytest.approx(2 / 3), "word_accuracy": pytest.approx(2 / 3)},
-    }
-    assert report.per_modality == {"audio": {"n": 2, "exact_match": 0.0, "word_accuracy": pytest.approx(1 / 3)},
-                                   "image": {"n": 4, "exact_match": 0.75, "word_accuracy": 0.75}}
-    assert report.overall == pytest.approx(3 / 6) and report.num_samples == 6
-    assert "66.7 %" in report.format_table() and "50.0 %" in report.format_table()
-    assert report.to_dict(checkpoint="c", split="val")["per_task"]["image_caption"]["exact_match"] == 1.0
+    (root / "test.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    return root
 
 
-def test_word_accuracy_gives_partial_credit_in_place():
-    assert word_accuracy("a red cross at the top left", "a red circle at the top right") == pytest.approx(5 / 7)
-    assert word_accuracy("6 5 8", "6 1 7") == pytest.approx(1 / 3)
-    assert word_accuracy("1 2 3 4", "1 2") == pytest.approx(2 / 4)  # extra words cost
-    assert word_accuracy("2 1", "1 2") == 0.0  # right words, wrong places
-    assert word_accuracy("Top Left.", "top left") == 1.0 and word_accuracy("", "") == 1.0
-    assert word_accuracy("", "red") == 0.0
+def test_a_manifest_not_from_the_synthetic_generator_is_scored_end_to_end(model_dir, tmp_path):
+    data_dir = _write_foreign_dataset(tmp_path / "foreign")
+    model, processor = load_model_and_processor(model_dir)
+    samples = load_split(data_dir, "test")
+    report = evaluate(model, processor, samples, data_dir, batch_size=3, max_new_tokens=4)
+    assert set(report.per_task) == {"unspecified", "vqa", "asr"}
+    assert set(report.per_modality) == {"text", "image", "audio"}
+    by_id = {p.sample_id: p for p in report.predictions}
+    # the reference is the LAST assistant turn; the question the last user turn before it
+    assert (by_id["vqa-1"].answer, by_id["vqa-1"].question) == ("Red.", "Which colour is it?")
+    assert by_id["chat-1"].task == "unspecified" and by_id["chat-1"].modality == "text"
+    assert [by_id[i].metric for i in ("chat-1", "vqa-1", "asr-1", "asr-2")] == [None, None, "wer", "wer"]
+    # the predictions are the model's greedy answers, each with its own sample
+    answers = generate_answers(model, processor, samples, data_dir, batch_size=3, max_new_tokens=4)
+    assert [by_id[s["id"]].prediction for s in samples] == answers
+    asr = report.per_task["asr"]
+    edits, words = map(sum, zip(*(word_edits(by_id[i].prediction, by_id[i].answer) for i in ("asr-1", "asr-2"))))
+    assert words == 7 and asr["wer"] == pytest.approx(edits / 7) and asr["wer_samples"] == 2
+    assert report.per_modality["audio"] == asr and "wer" not in report.per_task["vqa"]
+    assert report.per_task["vqa"]["token_f1"] == pytest.approx(token_f1(by_id["vqa-1"].prediction, "red"))
+    assert report.overall == pytest.approx(sum(exact_match(p.prediction, p.answer) for p in by_id.values()) / 4)
+
+
+def test_a_bad_metric_in_a_manifest_is_an_error_naming_the_sample(tmp_path):
+    bad = {"id": "x", "meta": {"metric": "bleu"},
+           "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (tmp_path / "test.jsonl").write_text(json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"test.jsonl.*meta.metric 'bleu' is not one of"):
+        load_split(tmp_path, "test")
 
 
 def test_missing_dataset_or_split_is_a_clear_error(dataset, model_dir, tmp_path, capsys):

@@ -10,6 +10,7 @@ import yaml
 from omni.loading import RunLocation
 from omni.model_card import format_ids, parse_front_matter, render_model_card
 from tests.tiny import tiny_config
+from training.scoring import Prediction, score_predictions
 
 CANARY = "hf_CANARY_model_card_4c1d9e"
 EVAL = {"per_modality": {"text": 1.0, "image": 0.875, "video": 0.5, "audio": 0.25},
@@ -93,6 +94,19 @@ def test_eval_table_appears_when_a_stage_has_eval_json(run):
     assert "| task | accuracy | n |" in text and "| image_colour | 0.8750 | 8 |" in text
     (run.output_dir / "modality_experts" / "eval.json").unlink()
     assert "## Evaluation" not in render_model_card(tiny_config(), run=run, stage="mixed_lora", step=6)
+
+
+def test_eval_table_shows_every_metric_the_eval_report_writes(run):
+    """eval.json as training.stage_eval writes it: exact match and token F1 per group, WER where a group holds a
+    transcription (meta.metric "wer")."""
+    report = score_predictions([Prediction("a", "audio_transcribe", "audio", "q", "1 2 3 4", "1 2 3", "wer"),
+                                Prediction("b", "image_colour", "image", "q", "red", "Red.")])
+    (run.output_dir / "modality_experts" / "eval.json").write_text(json.dumps(report.to_dict(split="val")))
+    text = render_model_card(tiny_config(), run=run, stage="mixed_lora", step=6)
+    assert "Overall exact match 0.5000 on 2 samples." in text
+    assert "| modality | n | exact_match | token_f1 | wer | wer_samples |" in text
+    # "1 2 3" for "1 2 3 4": token F1 2 * 1 * 3/4 / (7/4), one deletion over 4 words
+    assert "| audio | 1 | 0.0000 | 0.8571 | 0.2500 | 1 |" in text and "| image | 1 | 1.0000 | 1.0000 |  |  |" in text
 
 
 def test_base_model_comes_from_a_local_upcycle_source_only_when_it_names_a_hub_repo(run, tmp_path):

@@ -2,8 +2,8 @@
 
 Each rank evaluates its share of the split (samples rank::world) on a single-device copy of the stage's model --
 the exported folder, so the numbers are those of what a user downloads -- and rank 0 scores the gathered
-predictions, prints the table and writes OUTPUT/<stage>/eval.json (which `omni export`'s model card reads).
-A dense_pretrain stage (text only, no processor for media) is evaluated on the text samples.
+predictions (`training.scoring`), prints the table and writes OUTPUT/<stage>/eval.json (which `omni export`'s model
+card reads). A dense_pretrain stage (text only, no processor for media) is evaluated on the text samples.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from training.distributed import get_rank, get_world_size
+from training.evaluation import evaluate, load_split
+from training.scoring import score_predictions
+
 EVAL_FILE = "eval.json"
 
 
 def evaluate_stage(recipe, stage_name: str, model, processor, stage_dir: Path, *, text_only: bool = False,
                    final: bool = False) -> dict | None:
     """Collective. Returns the report dict on rank 0 (None elsewhere, or when the recipe has no eval data)."""
-    from omni.evaluate import evaluate, load_split, score_predictions
-    from training.distributed import get_rank, get_world_size
-
     spec = recipe.eval
     if spec.data is None:
         return None
