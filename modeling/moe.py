@@ -26,7 +26,8 @@ from .router import ModalityRouter, MoeRouterOutput, RoutingDecision
 # ----------------------------------------------------------------------------- the block
 class OmniSparseMoeBlock(nn.Module):
     """Modality-aware sparse MoE FFN: router -> top-k/top-p -> one sort -> grouped experts -> weighted scatter-add,
-    plus the sigmoid-gated shared expert. Returns `(output [B, T, D], MoeRouterOutput)`."""
+    plus the sigmoid-gated shared experts (one MLP holding all `num_shared_experts` of them). Returns
+    `(output [B, T, D], MoeRouterOutput)`."""
 
     def __init__(self, config: OmniMoeConfig):
         super().__init__()
@@ -53,7 +54,8 @@ class OmniSparseMoeBlock(nn.Module):
             self.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act
         )
         if config.num_shared_experts:
-            self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act)
+            # n shared experts as one MLP n times as wide (DeepSeek-MoE): the same sum, one GEMM per projection
+            self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_mlp_intermediate_size, config.hidden_act)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
