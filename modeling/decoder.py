@@ -176,7 +176,8 @@ class OmniMoePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if getattr(module, "_omni_torch_default_init", False):
-            # Projectors and connectors keep PyTorch's default init (GUIDE §6: N(0, 0.02) there hurt learning).
+            # Projectors and connectors keep PyTorch's default init: N(0, 0.02) there kept a small model on the
+            # synthetic tasks from learning shape (the encoders' init comment in modeling_omni.py).
             # Every module inside them carries the flag: transformers initialises children before their parent.
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
