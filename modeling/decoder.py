@@ -32,7 +32,9 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_omni import OmniMoeConfig
-from .moe import GroupedExperts, ModalityRouter, MoeRouterOutput, OmniSparseMoeBlock, SwiGLUMLP
+from .experts import GroupedExperts, SwiGLUMLP
+from .moe import OmniSparseMoeBlock
+from .router import ModalityRouter, MoeRouterOutput
 from .rope import OmniRotaryEmbedding, apply_omni_rotary
 
 

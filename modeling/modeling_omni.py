@@ -24,7 +24,8 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_omni import OmniMoeConfig
 from .decoder import OmniMoeModel, OmniMoePreTrainedModel
 from .media import OmniMediaTower
-from .moe import MoeRouterOutput, OmniSparseMoeBlock
+from .moe import OmniSparseMoeBlock
+from .router import MoeRouterOutput
 
 IGNORE_INDEX = -100
 # std of a vision encoder's position embeddings when it is built from a config (trained from scratch). At 1.0 (PyTorch's
