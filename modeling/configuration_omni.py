@@ -51,8 +51,9 @@ class OmniMoeConfig(PretrainedConfig):
 
     MoE: `moe_layers` ("all", "every_other", "none" or a list of layer indices);
     `num_intra_experts` (int for every modality, or {modality: int}); `num_inter_experts`
-    (shared by all modalities); `num_shared_experts` (0 or 1 always-on SwiGLU expert of
-    `shared_expert_intermediate_size`, gated by a sigmoid); `num_null_experts` (router
+    (shared by all modalities); `num_shared_experts` (always-on SwiGLU experts of
+    `shared_expert_intermediate_size` each, gated by one sigmoid; as in DeepSeek-MoE, n of them
+    run as one MLP n times as wide, which is exactly their sum); `num_null_experts` (router
     columns without weights); `num_experts_per_tok` (top-k) and optional `moe_top_p`
     (dynamic top-p: the fewest experts whose probability mass reaches p, at most top-k);
     `moe_intermediate_size`; `router_aux_loss_coef` (Switch load balancing within each
@@ -249,6 +250,13 @@ class OmniMoeConfig(PretrainedConfig):
     def num_router_columns(self) -> int:
         return self.num_routed_experts + self.num_null_experts
 
+    @property
+    def shared_mlp_intermediate_size(self) -> int:
+        """Width of the one always-on MLP that holds all shared experts: num_shared_experts x
+        shared_expert_intermediate_size (0 without shared experts). Its output is the sum of the n experts' outputs,
+        expert i owning intermediate rows [i * size, (i + 1) * size)."""
+        return self.num_shared_experts * self.shared_expert_intermediate_size
+
     def modality_id(self, modality: str) -> int:
         try:
             return self.modalities.index(modality)
@@ -321,8 +329,6 @@ class OmniMoeConfig(PretrainedConfig):
         for name in ("num_inter_experts", "num_null_experts", "num_shared_experts"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0")
-        if self.num_shared_experts > 1:
-            fail("num_shared_experts must be 0 or 1 (size it with shared_expert_intermediate_size)")
         if self.num_experts_per_tok < 1:
             fail("num_experts_per_tok must be >= 1")
         if self.router_balance not in ("modality", "pool"):

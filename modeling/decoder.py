@@ -32,7 +32,9 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_omni import OmniMoeConfig
-from .moe import GroupedExperts, ModalityRouter, MoeRouterOutput, OmniSparseMoeBlock, SwiGLUMLP
+from .experts import GroupedExperts, SwiGLUMLP
+from .moe import OmniSparseMoeBlock
+from .router import ModalityRouter, MoeRouterOutput
 from .rope import OmniRotaryEmbedding, apply_omni_rotary
 
 
@@ -176,7 +178,8 @@ class OmniMoePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if getattr(module, "_omni_torch_default_init", False):
-            # Projectors and connectors keep PyTorch's default init (GUIDE §6: N(0, 0.02) there hurt learning).
+            # Projectors and connectors keep PyTorch's default init: N(0, 0.02) there kept a small model on the
+            # synthetic tasks from learning shape (the encoders' init comment in modeling_omni.py).
             # Every module inside them carries the flag: transformers initialises children before their parent.
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()

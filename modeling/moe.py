@@ -1,331 +1,33 @@
-"""The modality-aware sparse MoE layer.
+"""The modality-aware sparse MoE layer (`OmniSparseMoeBlock`).
 
-One router (fp32 logits) scores every router column; a fixed mask `allowed[modality, column]` restricts each
-token to its modality's intra-modality experts, the shared inter-modality pool and the null experts. Selection
-is top-k (optionally dynamic top-p), dispatch is dropless: all (token, slot) pairs that hit experts with weights
-are sorted by expert id once -- for every modality together -- and run through one grouped computation.
+The router (`router.py`) scores every router column; selection is top-k (optionally dynamic top-p), dispatch is
+dropless: all (token, slot) pairs that hit experts with weights are sorted by expert id once -- for every modality
+together -- and run through one grouped computation (`experts.py`).
 
 Router column layout (see `configuration_omni.py`): `[intra(m0) .. intra(mN) | inter | null]`; the first E columns
 own weights (`GroupedExperts`), the last `num_null_experts` columns own none: a slot routed there does no compute
 and contributes exactly zero, so with renormalised top-k weights it scales the token's MoE output down.
 
 Parameter names follow transformers' `Qwen2MoeSparseMoeBlock` (`gate.weight`, `experts.gate_up_proj`,
-`experts.down_proj`, `shared_expert.*`, `shared_expert_gate.weight`) so weights map 1:1.
+`experts.down_proj`, `shared_expert.*`, `shared_expert_gate.weight`) so weights map 1:1. The classes of
+`experts.py` and `router.py` are importable from here too (the layer's public surface is this module).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from .configuration_omni import OmniMoeConfig
-
-EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
-
-
-class SwiGLUMLP(nn.Module):
-    """Dense gated FFN with the parameter names of transformers' `Qwen2MLP` (used as the shared expert)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.act_fn = ACT2FN[hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-# ----------------------------------------------------------------------------- grouped GEMM kernels
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    `grouped_mm`'s CPU backward rejects zero-stride gradients (e.g. the expanded ones of `out.sum().backward()`).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-class _FusedSwiGLU(torch.autograd.Function):
-    """silu(gate) * up on the fused [N, 2F] projection, saving only that input.
-
-    Its backward writes d(gate) and d(up) straight into one [N, 2F] gradient; autograd's `chunk` would allocate
-    both halves and then concatenate them (a full extra copy of the largest activation).
-    """
-
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(F.silu(gate), grad, out=grad_up)
-        torch.mul(grad, up, out=grad_gate)
-        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_gate_up
-
-
-def _grouped_mm_fn():
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `grouped_mm` runs forward and backward for this device and dtype (probed once, then cached).
-
-    Support differs by torch version, device type, GPU generation and dtype; a tiny probe is the only reliable
-    test. Probing costs one small op per (device, dtype) per process.
-    """
-    key = (str(device), dtype)
-    if key not in _GROUPED_MM_WORKS:
-        fn = _grouped_mm_fn()
-        works = False
-        if fn is not None and device.type != "meta":
-            try:
-                # fixed values, not randn: the probe must not advance the global RNG (resume reproducibility).
-                # Identity saved-tensor hooks: the first forward may run inside activation checkpointing, whose
-                # hooks would otherwise count the probe's tensors and find fewer in the recomputation
-                # (CheckpointError); the innermost hooks are the ones applied.
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                    a = torch.linspace(-1, 1, 128, device=device).view(8, 16).to(dtype).requires_grad_()
-                    b = torch.linspace(1, -1, 512, device=device).view(2, 16, 16).to(dtype).requires_grad_()
-                    offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
-                    ref = torch.cat([a[:3] @ b[0].detach(), a[3:] @ b[1].detach()])
-                    out = fn(a, b, offs=offs)
-                    out.backward(torch.ones_like(out))
-                    works = bool(torch.allclose(out.detach().float(), ref.detach().float(), atol=0.1, rtol=0.05))
-            except (RuntimeError, NotImplementedError, TypeError, ValueError):
-                works = False
-        _GROUPED_MM_WORKS[key] = works
-    return _GROUPED_MM_WORKS[key]
-
-
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows `offsets[g-1]:offsets[g]` of x times `weight[g].T`; weight is [G, out, in] (nn.Linear layout)."""
-    out = _grouped_mm_fn()(x, weight.transpose(1, 2), offs=offsets)
-    return _ContiguousGrad.apply(out) if out.requires_grad else out
-
-
-def _looped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], counts: list[int]) -> torch.Tensor:
-    """Fallback: one matmul per expert over its contiguous slice of rows (experts without rows are skipped)."""
-    pieces = [F.linear(chunk, w) for chunk, w, n in zip(x.split(counts), weights, counts) if n]
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
-class GroupedExperts(nn.Module):
-    """Routed SwiGLU experts stored as fused 3-D weights (transformers v5 MoE layout).
-
-    `gate_up_proj [E, 2F, D]` (gate rows first, then up rows) and `down_proj [E, D, F]`. `num_experts` is the number
-    of experts held here; `expert_offset` is the global id of local expert 0 (non-zero only under expert
-    parallelism, where `training/` hands each rank a slice). `implementation`: "auto" (grouped_mm where it works
-    for the device and dtype, else the loop), "grouped_mm" or "loop".
-    """
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
-        super().__init__()
-        self.num_experts = num_experts
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.expert_offset = 0
-        self.implementation = "auto"
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.act_fn = ACT2FN[hidden_act]
-        self.fused_swiglu = hidden_act in ("silu", "swish")
-        # Standalone default; OmniSparseMoeBlock / the model's _init_weights re-initialise with the config's std.
-        nn.init.normal_(self.gate_up_proj, std=0.02)
-        nn.init.normal_(self.down_proj, std=0.02)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_experts={self.num_experts}, expert_offset={self.expert_offset}, hidden_size={self.hidden_size}, "
-            f"intermediate_size={self.intermediate_size}, implementation={self.implementation!r}"
-        )
-
-    def resolved_implementation(self, x: torch.Tensor) -> str:
-        if self.implementation not in EXPERT_IMPLEMENTATIONS:
-            raise ValueError(
-                f"GroupedExperts.implementation must be one of {EXPERT_IMPLEMENTATIONS}, got {self.implementation!r}"
-            )
-        if self.implementation != "auto":
-            return self.implementation
-        return "grouped_mm" if grouped_mm_works(x.device, self.gate_up_proj.dtype) else "loop"
-
-    def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.fused_swiglu:
-            return _FusedSwiGLU.apply(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
-
-    def forward_gathered(self, x: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
-        """x [N, D] rows in any order, expert_of_row [N] local expert ids -> [N, D]: static shapes (the traced path)."""
-        x = x.to(self.gate_up_proj.dtype)
-        gate_up = torch.bmm(self.gate_up_proj.index_select(0, expert_of_row), x.unsqueeze(-1)).squeeze(-1)
-        hidden = self._gated(gate_up)
-        return torch.bmm(self.down_proj.index_select(0, expert_of_row), hidden.unsqueeze(-1)).squeeze(-1)
-
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x_sorted [N, D]: rows grouped by local expert in increasing order; tokens_per_expert [E] (may hold
-        zeros; N may be 0). Returns [N, D] in the weights' dtype."""
-        if tokens_per_expert.shape != (self.num_experts,):
-            raise ValueError(
-                f"GroupedExperts: tokens_per_expert must have shape ({self.num_experts},), "
-                f"got {tuple(tokens_per_expert.shape)}"
-            )
-        x = x_sorted.to(self.gate_up_proj.dtype)
-        if x.shape[0] == 0:
-            # grouped_mm may reject zero rows; return an empty result that still reaches every parameter, so
-            # this rank's experts get (zero) gradients like everyone else's.
-            anchor = x.sum() + self.gate_up_proj.sum() + self.down_proj.sum()
-            return x.new_zeros(0, self.hidden_size) + anchor * 0
-        if self.resolved_implementation(x) == "grouped_mm":
-            # int32 offsets keep the whole path free of host syncs.
-            offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-            hidden = self._gated(_grouped_linear(x, self.gate_up_proj, offsets))
-            return _grouped_linear(hidden, self.down_proj, offsets)
-        counts = tokens_per_expert.tolist()  # the loop needs host-side slice sizes: one sync
-        hidden = self._gated(_looped_linear(x, self.gate_up_proj.unbind(0), counts))
-        return _looped_linear(hidden, self.down_proj.unbind(0), counts)
-
-
-class LocalDispatcher:
-    """The dispatcher seam: single-device dispatch just runs the local experts.
-
-    Expert parallelism (training/) swaps in an all-to-all dispatcher with the same call signature. A plain object,
-    not an nn.Module, so it adds nothing to the state dict.
-    """
-
-    def __call__(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
-        return experts(x_sorted, tokens_per_expert)
-
-
-# ----------------------------------------------------------------------------- router
-@dataclass
-class MoeRouterOutput:
-    """Losses and statistics of one MoE layer's routing (statistics detached; padding excluded everywhere).
-
-    Statistics of the whole batch, not per-sample tensors: a plain record (like transformers' Cache objects), so
-    generic output utilities that slice outputs by sample leave it alone. Registered with torch.export below, so
-    an exported forward can return it.
-
-    aux_loss: Switch load balancing within each modality's pool, averaged over the modalities whose real tokens have
-        routed slots. `router_balance="modality"`: over all its allowed routed columns (intra + inter as one pool);
-        "pool": within its intra pool and within the inter pool separately (averaged), so the split between the
-        pools is left to the task loss. Uniform routing gives 1; collapse onto one expert approaches the pool size.
-    z_loss: mean over real tokens of logsumexp(masked router logits)^2.
-    tokens_per_expert [M, C]: kept slots per modality and router column (null columns included).
-    prob_mass [M, C]: summed masked-softmax probability per modality and column.
-    null_fraction: fraction of real tokens' kept slots that went to null experts.
-    """
-
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    prob_mass: torch.Tensor
-    null_fraction: torch.Tensor
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        """The fields in order (the decoder layer returns them as plain tensors; `MoeRouterOutput(*t)` rebuilds)."""
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-
-torch.export.register_dataclass(MoeRouterOutput)
-
-
-@dataclass
-class RoutingDecision:
-    """Per-token routing of one call: masked fp32 `logits` and `probs` [N, C]; chosen `columns` [N, k] (sorted by
-    probability when top-p is on); fp32 `weights` [N, k] (0 for dropped slots, renormalised if norm_topk_prob);
-    `kept` [N, k] bool, or None when top-p is off and every slot is kept."""
-
-    logits: torch.Tensor
-    probs: torch.Tensor
-    columns: torch.Tensor
-    weights: torch.Tensor
-    kept: torch.Tensor | None
-
-
-class ModalityRouter(nn.Module):
-    """The router (`gate`): owns `weight [C, D]`, the `allowed [M, C]` mask and the aux-free selection bias.
-
-    With one weight matrix, every modality's logits for the shared inter pool come from the same rows, so the
-    majority modality's preference (text: most tokens) moves every modality's intra/inter split (measured:
-    docs/performance.md, "Routing"). Two options decouple the modalities: `router_per_modality` gives each
-    modality its own router, `weight [M * C, D]` (row m * C + c: modality m's logit for column c; MoIIE's design),
-    and `router_modality_bias` adds a learned logit offset per (modality, column), `modality_bias [M, C]`, zero
-    at init, so a modality's prior over its pools is learned from its own tokens.
-
-    `allowed` is non-persistent (derived from the config); after meta-device construction the model's
-    `_init_weights` must restore it from `allowed_rows` and zero `e_score_correction_bias` if it was not loaded.
-    """
-
-    def __init__(self, config: OmniMoeConfig):
-        super().__init__()
-        self.num_columns = config.num_router_columns
-        self.num_modalities = config.num_modalities
-        self.per_modality = config.router_per_modality
-        rows = self.num_columns * (self.num_modalities if self.per_modality else 1)
-        self.weight = nn.Parameter(torch.empty(rows, config.hidden_size))
-        self.allowed_rows = tuple(tuple(row) for row in config.allowed_experts())
-        self.register_buffer("allowed", torch.tensor(self.allowed_rows, dtype=torch.bool), persistent=False)
-        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_columns, dtype=torch.float32))
-        self.modality_bias = (
-            nn.Parameter(torch.zeros(config.num_modalities, self.num_columns)) if config.router_modality_bias else None
-        )
-        # a single pool (every modality may use every column) needs no masking work in the hot path
-        self.masks_columns = not all(all(row) for row in self.allowed_rows)
-
-    def _apply(self, fn, recurse=True):
-        # Keep the aux-free bias in fp32 through .to(bf16) / .half(): its updates (rate ~1e-3) vanish in bf16.
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved.is_floating_point() and moved.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
-        return self
-
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, D], modality_ids [N] -> (masked fp32 logits [N, C], allowed [N, C] or None if nothing is masked)."""
-        # fp32 at least (float64 stays float64, so gradcheck and fp64 references see no rounding)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(dtype), self.weight.to(dtype))
-        if self.per_modality:  # every token's logits under each modality's router, then its own modality's
-            logits = logits.view(-1, self.num_modalities, self.num_columns)
-            index = modality_ids.long().view(-1, 1, 1).expand(-1, 1, self.num_columns)
-            logits = logits.gather(1, index).squeeze(1)
-        if self.modality_bias is not None:
-            logits = logits + self.modality_bias.to(dtype)[modality_ids]
-        if not self.masks_columns:
-            return logits, None
-        allowed = self.allowed[modality_ids]
-        return logits.masked_fill(~allowed, float("-inf")), allowed
+from .experts import GroupedExperts, LocalDispatcher, SwiGLUMLP, grouped_mm_works
+from .router import ModalityRouter, MoeRouterOutput, RoutingDecision
 
 
 # ----------------------------------------------------------------------------- the block
 class OmniSparseMoeBlock(nn.Module):
     """Modality-aware sparse MoE FFN: router -> top-k/top-p -> one sort -> grouped experts -> weighted scatter-add,
-    plus the sigmoid-gated shared expert. Returns `(output [B, T, D], MoeRouterOutput)`."""
+    plus the sigmoid-gated shared experts (one MLP holding all `num_shared_experts` of them). Returns
+    `(output [B, T, D], MoeRouterOutput)`."""
 
     def __init__(self, config: OmniMoeConfig):
         super().__init__()
@@ -352,7 +54,8 @@ class OmniSparseMoeBlock(nn.Module):
             self.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act
         )
         if config.num_shared_experts:
-            self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act)
+            # n shared experts as one MLP n times as wide (DeepSeek-MoE): the same sum, one GEMM per projection
+            self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_mlp_intermediate_size, config.hidden_act)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None

@@ -7,15 +7,15 @@ medium (the counting functions of `media.py`, shared with the model), plus per-t
 assistant turns only, and Omni 3D-RoPE position ids (`positions.py`).
 
 Text is always plain text: a user typing "<|im_start|>" or "<|image|>" gets ordinary byte-level tokens, because the
-text runs are tokenized with `split_special_tokens=True` and the structural special ids are inserted here.
+text runs are tokenized with `split_special_tokens=True` and the structural special ids are inserted by id.
 The layout is ChatML as rendered by `CHAT_TEMPLATE`, so for text without special strings the ids equal
-`tokenizer(apply_chat_template(conversation, tokenize=False))`.
+`tokenizer(apply_chat_template(conversation, tokenize=False))`. This class turns media into encoder inputs and
+placeholder counts; the layout, tokenization and padding are `chat_layout.py`'s.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,70 +33,18 @@ from .media import (
     video_token_count,
     video_token_grid,
 )
-from .positions import MediaSpan, build_position_ids
+from .chat_layout import (
+    IGNORE_INDEX,
+    MEDIA_TYPES,
+    count_media_parts,
+    layout_conversation,
+    pad_samples,
+    tokenize_layouts,
+)
 from .tokenizer_utils import CHAT_TEMPLATE, IM_END, IM_START, MEDIA_PLACEHOLDERS, PAD_TOKEN
 
-IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
-MEDIA_TYPES = ("image", "video", "audio")
-PART_TYPES = ("text", *MEDIA_TYPES)
 # Sub-processors a model without that encoder does not have (ProcessorMixin itself requires all of them).
 OPTIONAL_SUB_PROCESSORS = ("image_processor", "feature_extractor")
-
-
-def _check_conversation(conversation: Any, sample_index: int | None = None) -> None:
-    where = f"sample {sample_index}" if sample_index is not None else "conversation"
-    if not isinstance(conversation, (list, tuple)):
-        raise TypeError(f"{where}: a conversation must be a list of messages, got {type(conversation).__name__}")
-    for m, message in enumerate(conversation):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}, message {m}: expected a dict with 'role' and 'content', got {message!r:.80}")
-        if message["role"] not in ROLES:
-            raise ValueError(f"{where}, message {m}: unknown role {message['role']!r}; expected one of {ROLES}")
-        content = message["content"]
-        if isinstance(content, str):
-            continue
-        if not isinstance(content, (list, tuple)):
-            raise TypeError(f"{where}, message {m}: content must be a str or a list of parts, got {type(content).__name__}")
-        for p, part in enumerate(content):
-            part_type = part.get("type") if isinstance(part, dict) else None
-            if part_type not in PART_TYPES:
-                raise ValueError(f"{where}, message {m}, part {p}: unknown part type {part_type!r}; expected one of {PART_TYPES}")
-            if part_type == "text" and not isinstance(part.get("text"), str):
-                raise ValueError(f"{where}, message {m}, part {p}: a text part needs a str 'text'")
-
-
-def count_media_parts(conversation: list[dict], sample_index: int | None = None) -> dict[str, int]:
-    """{"image": n, "video": n, "audio": n}: the media parts of one (validated) conversation."""
-    _check_conversation(conversation, sample_index)
-    counts = dict.fromkeys(MEDIA_TYPES, 0)
-    for message in conversation:
-        if not isinstance(message["content"], str):
-            for part in message["content"]:
-                if part["type"] in counts:
-                    counts[part["type"]] += 1
-    return counts
-
-
-@dataclass
-class _Piece:
-    """One element of a sample's layout before tokenization."""
-
-    kind: str  # "text" | "special" | "media"
-    text: str = ""  # text pieces
-    token: str = ""  # special pieces
-    modality: str = ""  # media pieces
-    index: int = -1  # media pieces: index into the batch's flat list of that medium
-    trained: bool = False  # an assistant turn's content or closing <|im_end|>: carries labels
-    after_video: bool = False  # an audio part directly after a video part (the video's soundtrack)
-
-
-@dataclass
-class _Sample:
-    ids: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    modalities: list[int] = field(default_factory=list)
-    spans: list[MediaSpan] = field(default_factory=list)
 
 
 class OmniMoeProcessor(ProcessorMixin):
@@ -318,9 +266,10 @@ class OmniMoeProcessor(ProcessorMixin):
             data["audio_token_counts"] = torch.tensor([a["count"] for a in layouts["audio"]], dtype=torch.long)
 
         cursor = dict.fromkeys(MEDIA_TYPES, 0)  # media are consumed in part order across the batch
-        pieces = [self._layout(conv, add_generation_prompt, cursor) for conv in conversations]
-        samples = self._tokenize(pieces, layouts)
-        data.update(self._pad(samples, padding_side, return_labels))
+        pieces = [layout_conversation(conv, add_generation_prompt, cursor) for conv in conversations]
+        samples = tokenize_layouts(self.tokenizer, self.modalities, pieces, layouts)
+        data.update(pad_samples(samples, self.tokenizer, self.positions_per_second, self.max_length, padding_side,
+                                return_labels))
         return BatchFeature(data)
 
     # ------------------------------------------------------------------ media
@@ -395,118 +344,9 @@ class OmniMoeProcessor(ProcessorMixin):
             )
         return torch.from_numpy(np.ascontiguousarray(features)), layouts
 
-    # ------------------------------------------------------------------ layout and tokenization
-    def _layout(self, conversation: list[dict], add_generation_prompt: bool, cursor: dict[str, int]) -> list[_Piece]:
-        """ChatML pieces in the order CHAT_TEMPLATE renders them; media parts numbered across the batch."""
-        pieces: list[_Piece] = []
-        for message in conversation:
-            trained = message["role"] == "assistant"
-            pieces += [_Piece("special", token=IM_START), _Piece("text", text=message["role"] + "\n")]
-            content = message["content"]
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            previous = None
-            for part in parts:
-                if part["type"] == "text":
-                    pieces.append(_Piece("text", text=part["text"], trained=trained))
-                else:
-                    index = cursor[part["type"]]
-                    cursor[part["type"]] += 1
-                    pieces.append(_Piece("media", modality=part["type"], index=index,
-                                         after_video=part["type"] == "audio" and previous == "video"))
-                previous = part["type"]
-            pieces += [_Piece("special", token=IM_END, trained=trained), _Piece("text", text="\n")]
-        if add_generation_prompt:
-            pieces += [_Piece("special", token=IM_START), _Piece("text", text="assistant\n")]
-        return pieces
-
-    def _tokenize(self, layouts: list[list[_Piece]], media: dict[str, list[dict]]) -> list[_Sample]:
-        """Merge adjacent text pieces into runs (as the tokenizer sees the rendered template between special
-        tokens), tokenize all runs in one call with special strings split, then insert special and media ids."""
-        runs: list[str] = []
-        plans: list[list[tuple]] = []
-        for pieces in layouts:
-            plan, buffer, trained_ranges = [], "", []
-            for piece in [*pieces, _Piece("end")]:
-                if piece.kind == "text":
-                    if piece.trained and piece.text:
-                        trained_ranges.append((len(buffer), len(buffer) + len(piece.text)))
-                    buffer += piece.text
-                    continue
-                if buffer:
-                    plan.append(("run", len(runs), trained_ranges))
-                    runs.append(buffer)
-                    buffer, trained_ranges = "", []
-                if piece.kind != "end":
-                    plan.append(("piece", piece))
-            plans.append(plan)
-
-        encoded = self.tokenizer(runs, add_special_tokens=False, split_special_tokens=True,
-                                 return_offsets_mapping=True) if runs else {"input_ids": [], "offset_mapping": []}
-        token_id = self.tokenizer.convert_tokens_to_ids
-        samples = []
-        for plan in plans:
-            sample = _Sample()
-            for entry in plan:
-                if entry[0] == "run":
-                    _, r, trained_ranges = entry
-                    ids = encoded["input_ids"][r]
-                    for tid, (start, end) in zip(ids, encoded["offset_mapping"][r]):
-                        # A token overlapping assistant content is trained (a BPE merge may straddle the boundary).
-                        trained = any(start < r_end and end > r_start for r_start, r_end in trained_ranges)
-                        sample.labels.append(tid if trained else IGNORE_INDEX)
-                    sample.ids.extend(ids)
-                    sample.modalities.extend([0] * len(ids))
-                    continue
-                piece = entry[1]
-                if piece.kind == "special":
-                    tid = token_id(piece.token)
-                    sample.ids.append(tid)
-                    sample.labels.append(tid if piece.trained else IGNORE_INDEX)
-                    sample.modalities.append(0)
-                else:
-                    item = media[piece.modality][piece.index]
-                    sample.spans.append(MediaSpan(start=len(sample.ids), modality=piece.modality, grid=tuple(item["grid"]),
-                                                  seconds_per_t=item["seconds_per_t"], align_with_previous=piece.after_video))
-                    sample.ids.extend([token_id(MEDIA_PLACEHOLDERS[piece.modality])] * item["count"])
-                    sample.labels.extend([IGNORE_INDEX] * item["count"])  # media tokens are inputs, never targets
-                    sample.modalities.extend([self.modalities.index(piece.modality)] * item["count"])
-            samples.append(sample)
-        return samples
-
-    def _pad(self, samples: list[_Sample], padding_side: str, return_labels: bool) -> dict[str, torch.Tensor]:
-        lengths = [len(s.ids) for s in samples]
-        if self.max_length is not None:
-            for i, length in enumerate(lengths):
-                if length > self.max_length:
-                    raise ValueError(f"sample {i} has {length} tokens, more than max_length={self.max_length}")
-        batch, longest = len(samples), max(lengths)
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-        input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
-        modality_ids = torch.zeros((batch, longest), dtype=torch.long)
-        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((3, batch, longest), dtype=torch.long)
-        rope_deltas = torch.zeros(batch, dtype=torch.long)
-        for b, (sample, length) in enumerate(zip(samples, lengths)):
-            positions, delta = build_position_ids(length, sample.spans, self.positions_per_second)
-            where = slice(0, length) if padding_side == "right" else slice(longest - length, longest)
-            input_ids[b, where] = torch.tensor(sample.ids, dtype=torch.long)
-            attention_mask[b, where] = 1
-            modality_ids[b, where] = torch.tensor(sample.modalities, dtype=torch.long)
-            labels[b, where] = torch.tensor(sample.labels, dtype=torch.long)
-            position_ids[:, b, where] = positions
-            if padding_side == "right" and length < longest:
-                # Right padding continues the count so positions stay increasing (the values are masked anyway).
-                position_ids[:, b, length:] = positions.max() + 1 + torch.arange(longest - length)
-            # Qwen2-VL convention: the token at padded index i >= longest gets position i + rope_delta.
-            rope_deltas[b] = int(delta) - (longest - length)
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids,
-               "position_ids": position_ids, "rope_deltas": rope_deltas}
-        if return_labels:
-            out["labels"] = labels
-        return out
+    # The conversation layout without media, for measuring a sample's length (data/collate.py) the way `__call__`
+    # lays it out.
+    _layout = staticmethod(layout_conversation)
 
 
 def _default_image_processor(vision_model_type: str, image_size: int):

@@ -2,8 +2,9 @@
 
 Attention, norms, embeddings and the LM head are copied. In MoE layers every routed expert is initialised from the
 dense FFN: `"copy"` (the whole FFN; optional noise) or `"slice"` (expert e takes slice e mod s of the FFN's intermediate
-dimension, s = intermediate_size // moe_intermediate_size). The shared expert takes the dense FFN's gate/up weights with
-a zero down projection, so it starts as a no-op and learns from there.
+dimension, s = intermediate_size // moe_intermediate_size). Shared expert i takes slice i of the dense FFN's gate/up
+weights (rows [i * size, (i + 1) * size), size = shared_expert_intermediate_size) with a zero down projection, so
+the shared experts start as a no-op and learn from there.
 
 Why that shared-expert init: with copied experts and renormalised top-k weights the routed output already equals the
 dense FFN, so the layer reproduces the dense model exactly at init only if the shared path adds nothing — and a
@@ -160,8 +161,8 @@ def load_upcycled_weights(model, dense: SafetensorsFolder, expert_init: str, noi
     """Copy the dense checkpoint into the MoE model in place; returns the state-dict names it filled.
 
     Non-FFN tensors are copied as they are; each MoE layer's routed experts take the dense FFN (copy) or slices of
-    its intermediate dimension (slice), with optional noise scaled by each tensor's std; the shared expert takes the
-    first rows of gate/up and a zero down projection."""
+    its intermediate dimension (slice), with optional noise scaled by each tensor's std; the shared experts take the
+    first num_shared_experts x shared_expert_intermediate_size rows of gate/up and a zero down projection."""
     config = model.config
     own = model.state_dict(keep_vars=True)  # the parameters and buffers themselves: copy_ writes into the model
     filled: set[str] = set()
@@ -201,9 +202,13 @@ def load_upcycled_weights(model, dense: SafetensorsFolder, expert_init: str, noi
             experts.down_proj[e].copy_(dn)
         filled |= {prefix + "experts.gate_up_proj", prefix + "experts.down_proj"}
         if config.num_shared_experts:
-            size = config.shared_expert_intermediate_size
+            # the n shared experts are one MLP (configuration_omni.py): their slices 0..n-1 are its first n * size rows
+            size = config.shared_mlp_intermediate_size
             if size > gate.shape[0]:
-                raise ValueError(f"shared_expert_intermediate_size {size} > dense intermediate_size {gate.shape[0]}")
+                raise ValueError(
+                    f"num_shared_experts x shared_expert_intermediate_size = {config.num_shared_experts} x "
+                    f"{config.shared_expert_intermediate_size} = {size} > the dense intermediate_size {gate.shape[0]}: "
+                    "the shared experts are initialised from distinct slices of the dense FFN")
             put(prefix + "shared_expert.gate_proj.weight", gate[:size])
             put(prefix + "shared_expert.up_proj.weight", up[:size])
             put(prefix + "shared_expert.down_proj.weight", torch.zeros_like(down[:, :size]))

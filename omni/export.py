@@ -8,9 +8,11 @@ CHECKPOINT: a checkpoint folder (OUTPUT/<stage>/checkpoints/step-N; its manifest
 folder (its latest valid checkpoint), or an already exported folder (re-sharded, new model card). Any ZeRO stage
 and any EP size: experts are gathered from every EP rank's file by global id (omni/loading.py), without DeepSpeed.
 
-OUT (GUIDE §3): `model-0000x-of-0000N.safetensors` + `model.safetensors.index.json` (one `model.safetensors` when
-it fits in one shard), `config.json` with `auto_map`, the flat modeling/configuration/processing `.py` files
-(`register_for_auto_class` makes save_pretrained copy them), tokenizer + processor files with the chat template,
+OUT, a folder transformers' Auto classes load with trust_remote_code in a process without this package
+(tests/e2e/test_export.py): `model-0000x-of-0000N.safetensors` + `model.safetensors.index.json` (one
+`model.safetensors` when it fits in one shard), `config.json` with `auto_map`, the flat
+modeling/configuration/processing `.py` files (`register_for_auto_class` makes save_pretrained copy them and the
+sibling modules they import relatively), tokenizer + processor files with the chat template,
 `generation_config.json`, `README.md` (model card: omni/model_card.py). With LoRA and without `--merge-lora`, the
 weights are the base the adapter was trained on and `adapter/` holds the PEFT adapter (adapter_config.json +
 adapter_model.safetensors). The folder is written next to OUT under a temporary name and renamed into place, so OUT

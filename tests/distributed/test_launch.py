@@ -5,7 +5,7 @@ DeepSpeed-hostfile scripts.
     127.0.0.1 and train 12 steps of the loop recipe with expert parallelism 2 across the "nodes"; both exit 0 and
     leave one committed checkpoint holding both EP ranks' experts under global ids. This run is also the
     uninterrupted reference of the restart test (same world size 2, EP 2, seed, data and steps).
-  * restart (GUIDE §5.2): launch/torchrun.sh with MAX_RESTARTS=1 and 2 processes; rank 1 SIGKILLs itself after step
+  * restart: launch/torchrun.sh with MAX_RESTARTS=1 and 2 processes; rank 1 SIGKILLs itself after step
     7 (training/loop.py's test hook), torchrun restarts both ranks, they resume from step 6 and finish with the
     reference's losses (==) and exported weights (torch.equal).
   * SLURM: launch/slurm.sbatch under stand-ins for `scontrol`/`srun` (SLURM is not installed here) and a recording
@@ -210,7 +210,7 @@ def test_two_node_job_over_loopback_commits_one_consistent_checkpoint(two_node_r
 
 @pytest.mark.timeout(600)
 def test_sigkill_of_a_rank_restarts_from_the_last_checkpoint_and_matches(data, two_node_run, tmp_path):
-    """GUIDE §5.2: checkpoints every 2 steps; rank 1 dies by SIGKILL after step 7 of 12; torchrun (max 1 restart)
+    """Checkpoints every 2 steps; rank 1 dies by SIGKILL after step 7 of 12; torchrun (max 1 restart)
     restarts both ranks, which resume from step 6 -> the same losses and final weights as the uninterrupted run."""
     from training.distributed import free_port
 

@@ -1,4 +1,4 @@
-"""Non-finite gradients with a finite loss are counted, never trained through silently (GUIDE §5.9).
+"""Non-finite gradients with a finite loss are counted, never trained through silently.
 
 At ZeRO-1/2, fp32 and bf16, DeepSpeed skips such a step by itself (`engine.skipped_steps` grows). The training loop
 (`train_stage`, for real: 2 ranks, EP 2, the loop recipe's tiny model on a real shard loader) must count each as a

@@ -96,7 +96,7 @@ def test_full_recipe_runs_every_stage_and_exports_loadable_models(data, tmp_path
 
 @pytest.mark.timeout(300)
 def test_split_resume_through_the_loop_equals_straight_run(data, straight, tmp_path):
-    """(c) GUIDE §5.1 through `omni train`: 12 steps straight vs 6 (train.stop_after_steps=6), stop, the same
+    """(c) split resume == straight run, through `omni train`: 12 steps straight vs 6 (train.stop_after_steps=6), stop, the same
     command again -> every loss `==` and the exported weights `torch.equal`."""
     first = omni_train(data, tmp_path, SINGLE_STAGE, "train.stop_after_steps=6")
     assert "stopped at step 6" in first.stdout

@@ -275,7 +275,7 @@ def resharded(request, spawn, saved, ckpt_root):
 # ----------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name", list(RUNS))
 def test_split_resume_equals_straight_run(saved, resumed, name):
-    """GUIDE §5.1 with EP=2 on 2 processes: 6 steps, save, new processes load, 6 more == 12 straight steps: every
+    """Split resume == straight run with EP=2 on 2 processes: 6 steps, save, new processes load, 6 more == 12 straight steps: every
     loss `==`, the LR schedule, and the final full weights (dense + experts of both EP ranks) `torch.equal`.
     bf16 too: DeepSpeed restores the fp32 master partitions and moments bit for bit, so the bf16 runs are exact as
     well (measured; a looser bound would only hide a lost master copy)."""
@@ -315,7 +315,7 @@ def test_master_weight_check_can_fail(resumed):
 
 
 def test_ep_reshard_gives_identical_weights_and_first_loss(saved, resharded):
-    """GUIDE §5.8: the ZeRO-1 checkpoint saved at EP=2 on 2 processes, loaded at EP=1 (1 process), EP=4 (4
+    """EP resharding: the ZeRO-1 checkpoint saved at EP=2 on 2 processes, loaded at EP=1 (1 process), EP=4 (4
     processes) and EP=1 on 2 processes: identical gathered full weights (`torch.equal`), the same evaluation
     losses on a fixed batch (to rounding), LR schedule position and step counters restored, the optimizer reset announced in a
     warning. Same world size: RNG and data positions carry over; another: `data_state={}`."""

@@ -1,4 +1,4 @@
-"""`omni export` end to end (GUIDE §3, issue 5 item 3): a real EP=2 + LoRA training checkpoint -> a HF folder that a
+"""`omni export` end to end: a real EP=2 + LoRA training checkpoint -> a HF folder that a
 fresh Python process, with this project NOT importable and HF_HUB_OFFLINE=1, loads through transformers' Auto
 classes (`trust_remote_code=True`) and that reproduces the checkpoint's logits on a text+image+video+audio batch.
 

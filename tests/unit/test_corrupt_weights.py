@@ -1,5 +1,6 @@
 """A weights file that does not decode is an error naming the file and the reason, on every read of a checkpoint or
-a model folder (GUIDE §5.4's integrity check cannot catch it when the manifest was re-sealed to match)."""
+a model folder (the checkpoint manifest's checksums, training/checkpoint.py, cannot catch it when the manifest was
+re-sealed to match)."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""Router-health alarm and loss-spike detector (GUIDE §5 items 10 and 11), and the TensorBoard writer."""
+"""Router-health alarm and loss-spike detector (a 10x loss jump is flagged, a normal run is not; a router collapsed
+onto one expert raises the alarm, a uniform one does not), and the TensorBoard writer."""
 
 import random
 

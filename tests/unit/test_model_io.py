@@ -190,9 +190,9 @@ def test_a_loaded_model_rebuilds_its_per_pool_balance_buffer(tmp_path):
 
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
 def test_encoders_built_from_a_config_start_from_the_documented_init(vision, tmp_path):
-    """Fresh towers: PyTorch's default init for their linear and conv layers (GUIDE §6), the vision position
-    embeddings at FRESH_VISION_POSITION_STD (not nn.Embedding's N(0, 1), not CLIP's N(0, 0.02)); a saved model loads
-    back its own weights, not a fresh draw."""
+    """Fresh towers: PyTorch's default init for their linear and conv layers (why: modeling_omni.py), the vision
+    position embeddings at FRESH_VISION_POSITION_STD (not nn.Embedding's N(0, 1), not CLIP's N(0, 0.02)); a saved
+    model loads back its own weights, not a fresh draw."""
     torch.manual_seed(0)
     model = OmniMoeForCausalLM(tiny_config(vision_config=tiny_vision_config(vision, hidden_size=64)))
     vision_tower, audio_tower = model.media.vision_encoder, model.media.audio_encoder

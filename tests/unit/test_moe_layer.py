@@ -10,7 +10,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-from modeling import moe
+from modeling import experts as experts_module
 from modeling.configuration_omni import OmniMoeConfig
 from modeling.modeling_omni import OmniMoeForCausalLM
 from modeling.moe import GroupedExperts, LocalDispatcher, OmniSparseMoeBlock
@@ -252,7 +252,7 @@ def test_auto_uses_grouped_mm_on_cpu():
 
 
 def test_probe_keeps_rng_and_float64_falls_back_to_a_gradchecked_loop():
-    moe._GROUPED_MM_WORKS.clear()
+    experts_module._GROUPED_MM_WORKS.clear()
     block = make_block(moe_config(**MULTIMODAL, num_shared_experts=1, moe_top_p=0.7)).double()
     x = torch.randn(1, 4, D, dtype=torch.float64, requires_grad=True)
     modality_ids = torch.tensor([[0, 1, 2, 1]])
@@ -499,6 +499,6 @@ def test_the_grouped_mm_probe_inside_a_checkpointed_first_forward():
     model = OmniMoeForCausalLM(tiny_config(media=False)).train()
     model.activation_checkpointing_enable()
     ids = torch.randint(2, 90, (2, 10))
-    moe._GROUPED_MM_WORKS.clear()  # as in a fresh process: the probe runs inside this checkpointed forward
+    experts_module._GROUPED_MM_WORKS.clear()  # as in a fresh process: the probe runs inside this checkpointed forward
     model(input_ids=ids, labels=ids).loss.backward()
-    assert moe._GROUPED_MM_WORKS and all(p.grad is not None for p in model.model.layers[-1].parameters())
+    assert experts_module._GROUPED_MM_WORKS and all(p.grad is not None for p in model.model.layers[-1].parameters())
