@@ -46,7 +46,7 @@ if [ "$NODE_RANK" -ge "$NNODES" ]; then
     exit 2
 fi
 
-# CPU ranks sharing a node's cores: one thread each unless the caller chose otherwise (GUIDE §6: ~10x faster)
+# CPU ranks sharing a node's cores: one thread each unless the caller chose otherwise (2 ranks on 2 cores: ~10x faster with one thread each)
 if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi

@@ -76,7 +76,7 @@ def active_matmul_weights(config) -> int:
     for index in range(config.num_hidden_layers):
         if config.is_moe_layer(index):
             routed = min(config.num_experts_per_tok, config.num_routed_experts) * 3 * h * config.moe_intermediate_size
-            shared = 3 * h * config.shared_expert_intermediate_size + h if config.num_shared_experts else 0
+            shared = 3 * h * config.shared_mlp_intermediate_size + h if config.num_shared_experts else 0
             total += attention + routed + shared + h * config.num_router_columns
         else:
             total += attention + 3 * h * config.intermediate_size

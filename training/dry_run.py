@@ -175,7 +175,7 @@ def activation_bytes(config, tokens: int, precision: str, checkpointing: bool) -
     per_layer = []
     for index in range(config.num_hidden_layers):
         if config.is_moe_layer(index):
-            shared = 3 * config.shared_expert_intermediate_size if config.num_shared_experts else 0
+            shared = 3 * config.shared_mlp_intermediate_size if config.num_shared_experts else 0
             per_layer.append(6 * h + 2 * kv + config.num_experts_per_tok * (2 * h + 3 * config.moe_intermediate_size)
                              + shared)
         else:

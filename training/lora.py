@@ -7,7 +7,7 @@ PeftModel's `__getattr__`. `unwrap_model` returns the `OmniMoeForCausalLM` itsel
 `base_model.model.` and wrapped layers a `.base_layer` segment (`...q_proj.base_layer.weight`,
 `...experts.base_layer.base_layer.gate_up_proj`); the adapter weights are `...lora_A.default.weight` etc.
 
-How each target is reached (GUIDE §6):
+How each target is reached (peft 0.22; checked by tests/unit/test_lora.py):
   * attention q/k/v/o and the shared expert's gate/up/down: `target_modules`, a regex anchored at the decoder
     (`model.layers.N....`) so the CLIP/Whisper encoders' own `self_attn.q_proj` are never touched;
   * routed experts: `target_parameters=["experts.gate_up_proj", "experts.down_proj"]` -- `target_modules` cannot
