@@ -178,7 +178,7 @@ def test_torchrun_script_rejects_a_bad_node_rank():
 
 @pytest.mark.timeout(300)
 def test_two_node_job_over_loopback_commits_one_consistent_checkpoint(two_node_run):
-    from training.checkpoint import CheckpointManager
+    from training.checkpoint_store import CheckpointManager
 
     output, logs = two_node_run["output"], two_node_run["logs"]
     assert two_node_run["codes"] == [0, 0], _tails(logs)
