@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +265,6 @@ def _train_stage(model, stage: StageSpec, run: RunSettings, loader: Any, micro_b
             save_training_checkpoint(manager, setup, model, state, data_state=loader.state_dict())
             if on_checkpoint is not None:
                 on_checkpoint(state.step)
-        _test_kill_hook(state.step)
     bar.close()
     writer.close()
     return StageResult(setup=setup, model=model, state=state, losses=losses)
@@ -279,22 +276,6 @@ def _touch(params: list[torch.Tensor]) -> torch.Tensor:
     ranks' gradient reductions would differ in size (a gloo size mismatch). With this term every rank reduces the
     same parameters; unused ones get exact zeros."""
     return torch.stack([p.reshape(-1)[0] for p in params]).sum() * 0.0
-
-
-TEST_KILL_AT_STEP, TEST_KILL_RANK = "OMNI_TEST_KILL_AT_STEP", "OMNI_TEST_KILL_RANK"
-
-
-def _test_kill_hook(step: int) -> None:
-    """TEST HOOK (tests/distributed/test_train_loop.py only; never set these in a real run): with
-    OMNI_TEST_KILL_AT_STEP=N and OMNI_TEST_KILL_RANK=R, rank R SIGKILLs itself right after finishing step N (and its
-    checkpoint, if one falls on N) -- on torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0 or unset), so
-    the restarted job runs through. Simulates a node dying mid-stage."""
-    at = os.environ.get(TEST_KILL_AT_STEP)
-    if at is None or int(at) != step or int(os.environ.get(TEST_KILL_RANK, "0")) != get_rank():
-        return
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-        log.warning("test hook: rank %d kills itself after step %d", get_rank(), step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _endless(loader: Iterable):
