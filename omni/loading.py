@@ -12,7 +12,7 @@ An exported folder is read with our own classes (the same code the folder ships 
 the .py files its `auto_map` names unless the caller passes `trust_remote_code=True` (`--trust-remote-code`); an
 `adapter/` subfolder (a PEFT adapter exported beside the base) is applied, merged unless `merge_lora=False`.
 
-A training checkpoint (`training/checkpointing.py`) is read directly from its files, after its manifest verifies:
+A training checkpoint (`training/engine_checkpoint.py`) is read directly from its files, after its manifest verifies:
 the model is built on the meta device (accelerate's `init_empty_weights`), so weights are held once; dense tensors
 come from model_dense.safetensors, every routed expert from the file of the EP rank that held it, by GLOBAL id
 (any saved EP size), and LoRA factors inside the experts (saved per EP rank) are reassembled by global id too. The
@@ -44,7 +44,7 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
-    from training.checkpointing import LAYOUT_FILE
+    from training.engine_checkpoint import LAYOUT_FILE
 
     return (Path(path) / LAYOUT_FILE).is_file()
 
@@ -99,7 +99,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A training checkpoint folder from a checkpoint, a checkpoints/ root, a stage folder (its latest committed
     checkpoint whose files match the manifest's sizes) or a run folder (the same, in the last stage of its recipe
     that has a checkpoint)."""
-    from training.checkpoint import CheckpointManager
+    from training.checkpoint_store import CheckpointManager
 
     path = Path(path)
     if is_training_checkpoint(path):
@@ -143,8 +143,9 @@ def read_checkpoint_spec(path: str | Path, verify: str = "full") -> CheckpointSp
     """Verify a checkpoint against its manifest (raises CheckpointIntegrityError naming the file) and read what
     model it holds."""
     from modeling.configuration_omni import OmniMoeConfig
-    from training.checkpoint import CheckpointManager, read_json
-    from training.checkpointing import LAYOUT_FILE, LAYOUT_FORMAT
+    from training.checkpoint_files import read_json
+    from training.checkpoint_store import CheckpointManager
+    from training.engine_checkpoint import LAYOUT_FILE, LAYOUT_FORMAT
 
     path = Path(path)
     CheckpointManager(path.parent, keep_last=None).verify(path, mode=verify)
@@ -184,9 +185,9 @@ def _place_lora_factor(key: str, full: torch.Tensor, local: torch.Tensor, ids: l
 def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full single-device state dict for the keys/shapes/dtypes of `expected` (a meta model's state dict),
     read from the checkpoint's files. Each tensor is allocated once; experts are copied in one at a time."""
-    from training.weights_files import SafetensorsFile
-    from training.checkpointing import EXPERT_SEPARATOR
+    from training.engine_checkpoint import EXPERT_SEPARATOR
     from training.expert_parallel import global_expert_ids, is_expert_key
+    from training.weights_files import SafetensorsFile
 
     path, layout = spec.path, spec.layout
     dense_file = path / layout["dense_file"]

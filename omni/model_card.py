@@ -205,7 +205,7 @@ def render_model_card(config, *, run: RunLocation | None = None, stage: str | No
                       adapter: bool = False, license: str = "apache-2.0", base_model: str | None = None,
                       repo_id: str | None = None, parameters: tuple[int, int] | None = None) -> str:
     """README.md text for an exported folder (see the module docstring)."""
-    from training.checkpoint import scrub_secrets
+    from training.secret_scrub import scrub_secrets
 
     base_model = base_model or base_model_of(run)
     matter = front_matter(config, license=license, base_model=base_model, adapter=adapter)

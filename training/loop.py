@@ -29,16 +29,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointManager, TrainingState
-from .checkpointing import latest_training_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .checkpoint_store import CheckpointManager
 from .distributed import barrier, get_rank, get_world_size
 from .engine import DROPPED, SKIPPED, STEPPED, EngineSetup, guarded_backward_step
+from .engine_checkpoint import latest_training_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .failure_watch import PeerFailureWatch
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
 from .parallelize import Parallelized
 from .recipe import TrainSection
 from .resume_config import check_resume_config
 from .stages import StageSpec, unwrap_model
+from .training_state import TrainingState
 
 log = logging.getLogger(__name__)
 

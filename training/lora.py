@@ -41,7 +41,7 @@ from torch import nn
 from modeling.modeling_omni import OmniMoeForCausalLM
 from modeling.moe import GroupedExperts
 
-from .checkpoint import load_tensors
+from .checkpoint_files import load_tensors
 
 LORA_TARGETS = ("attention", "experts", "shared_experts", "dense_mlp")
 DEFAULT_LORA_TARGETS = ("attention", "experts", "shared_experts")

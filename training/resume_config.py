@@ -2,7 +2,7 @@
 
 A checkpoint's tensors can load into a model built from another config whenever the shapes agree (another
 `num_experts_per_tok`, `rope_theta`, router setting ...): the run would then continue as a different model without a
-word. So before loading, the checkpoint's model_config.json (written by training/checkpointing.py) is compared with
+word. So before loading, the checkpoint's model_config.json (written by training/engine_checkpoint.py) is compared with
 the live model's config, key by key (sub-configs as dotted keys), and any difference refuses the resume, naming the
 keys with both values -- unless the recipe lists the key in `train.resume_allow_config_changes`.
 Every rank reads the same file and compares the same config, so every rank takes the same decision.
@@ -18,12 +18,12 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import read_json
+from .checkpoint_files import read_json
 
 logger = logging.getLogger(__name__)
 
 # bookkeeping, not the model: where it was loaded from, the library version, the dtype it was saved in (precision
-# changes are the checkpoint layout's business: training/checkpointing.py reshards them)
+# changes are the checkpoint layout's business: training/engine_checkpoint.py reshards them)
 _NOT_THE_MODEL = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash",
                             "_attn_implementation_autoset", "architectures", "auto_map"})
 _ABSENT = "<absent>"
@@ -57,7 +57,7 @@ def config_differences(saved: dict, live: dict) -> dict[str, tuple[Any, Any]]:
 def check_resume_config(checkpoint: str | Path, model: nn.Module, allowed: Iterable[str] = ()) -> dict:
     """Raise ResumeConfigMismatch when the checkpoint's model config differs from `model`'s in a key not in
     `allowed`; returns the allowed differences (logged). A checkpoint without model_config.json is not checked."""
-    from .checkpointing import LAYOUT_FILE
+    from .engine_checkpoint import LAYOUT_FILE
     from .lora import unwrap_model
 
     checkpoint = Path(checkpoint)

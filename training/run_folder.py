@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import scrub_secrets
+from .secret_scrub import scrub_secrets
 from .distributed import broadcast_text, get_rank
 from .recipe import Recipe
 from .run_lock import RUN_ID_ENV, RunLock, RunLockHeld, held_by_run

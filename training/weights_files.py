@@ -1,8 +1,8 @@
 """Reading safetensors weights files so that a file that does not decode names itself.
 
 safetensors' own errors ("Error while deserializing header: header too large") name neither the file nor what is
-wrong with it; every read of a checkpoint or model folder goes through these instead (training/checkpoint.py,
-training/checkpointing.py, omni/loading.py).
+wrong with it; every read of a checkpoint or model folder goes through these instead (training/checkpoint_files.py,
+training/engine_checkpoint.py, omni/loading.py).
 """
 
 from __future__ import annotations

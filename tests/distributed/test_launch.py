@@ -5,9 +5,10 @@ DeepSpeed-hostfile scripts.
     127.0.0.1 and train 12 steps of the loop recipe with expert parallelism 2 across the "nodes"; both exit 0 and
     leave one committed checkpoint holding both EP ranks' experts under global ids. This run is also the
     uninterrupted reference of the restart test (same world size 2, EP 2, seed, data and steps).
-  * restart: launch/torchrun.sh with MAX_RESTARTS=1 and 2 processes; rank 1 SIGKILLs itself after step
-    7 (training/loop.py's test hook), torchrun restarts both ranks, they resume from step 6 and finish with the
-    reference's losses (==) and exported weights (torch.equal).
+  * restart: launch/torchrun.sh with MAX_RESTARTS=1 and 2 processes; once rank 0 has logged step 7 the
+    test SIGKILLs rank 1's worker process from outside (`KillRankOnce`), torchrun restarts both ranks, they resume
+    from the newest committed checkpoint (step 6 or later, before step 12) and finish with the reference's losses
+    (==) and exported weights (torch.equal).
   * SLURM: launch/slurm.sbatch under stand-ins for `scontrol`/`srun` (SLURM is not installed here) and a recording
     stand-in for the interpreter, to check what each node's torchrun is given.
   * DeepSpeed: launch/deepspeed_hostfile.sh with `localhost slots=2` runs 2 ranks of `omni train --dry-run` through
@@ -29,6 +30,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -40,7 +42,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "tests/distributed/loop_recipe.yaml"
 SINGLE_STAGE = "stages=[{name: experts, preset: modality_experts, steps: 12, optimizer: {lr: 1.0e-2, warmup_steps: 1}}]"
 LAUNCH_TIMEOUT_S = 240
+RESTART_TIMEOUT_S = 2 * LAUNCH_TIMEOUT_S  # the restart test runs the job's start-up and most of its steps twice
 FAILURE_GRACE_S = 20  # a failed launcher's peer gets this long to fail by itself (and print why) before it is killed
+POLL_S = 0.05  # how often run_launchers checks its launchers (and runs its on_poll)
 TAG = "OMNI_LAUNCH_TEST_TAG"
 SCRIPTS = sorted([*(REPO_ROOT / "launch").glob("*.sh"), *(REPO_ROOT / "launch").glob("*.sbatch")])
 
@@ -57,20 +61,43 @@ def _env(tag: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _tagged_pids(tag: str) -> list[int]:
-    """Every live process whose environment carries `TAG=tag` (the launchers, torchrun's agents and workers)."""
+def _tagged_processes(tag: str) -> dict[int, list[bytes]]:
+    """{pid: its environment entries} of every live process whose environment carries `TAG=tag` (the launchers,
+    torchrun's agents and workers, and their children)."""
     marker = f"{TAG}={tag}".encode()
-    pids = []
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            environ = (entry / "environ").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:  # gone, or not ours
             continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+        if marker in environ:
+            found[int(entry.name)] = environ
+    return found
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    return list(_tagged_processes(tag))
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])  # the fields after "(comm)": state, ppid, ...
+
+
+def _first_attempt_worker(tag: str, rank: int) -> int | None:
+    """The pid of the torchrun worker process that runs global `rank` in the job's first attempt: a tagged process
+    with RANK=rank and TORCHELASTIC_RESTART_COUNT=0 (torchrun's worker environment) whose parent is not one too
+    (its children, e.g. data-loader workers, inherit that environment)."""
+    wanted = {f"RANK={rank}".encode(), b"TORCHELASTIC_RESTART_COUNT=0"}
+    workers = {pid for pid, environ in _tagged_processes(tag).items() if wanted <= set(environ)}
+    roots = [pid for pid in workers if _parent_pid(pid) not in workers]
+    return roots[0] if len(roots) == 1 else None
 
 
 def _kill_tagged(tag: str) -> None:
@@ -87,10 +114,11 @@ def _kill_tagged(tag: str) -> None:
 
 
 def run_launchers(commands: list[tuple[list[str], dict[str, str]]], logs: list[Path],
-                  timeout_s: float = LAUNCH_TIMEOUT_S) -> list[int]:
-    """Start every (command, env) at once, each in its own session with its output in a log file; wait for all.
-    A failed launcher gives the others FAILURE_GRACE_S to finish; a timeout fails the test. Whatever happens,
-    every process of this run is killed on the way out. Returns the exit codes."""
+                  timeout_s: float = LAUNCH_TIMEOUT_S, on_poll: Callable[[], None] | None = None) -> list[int]:
+    """Start every (command, env) at once, each in its own session with its output in a log file; wait for all,
+    calling `on_poll` (if given) every POLL_S while any runs. A failed launcher gives the others FAILURE_GRACE_S to
+    finish; a timeout fails the test. Whatever happens, every process of this run is killed on the way out.
+    Returns the exit codes."""
     tag = commands[0][1][TAG]
     procs = []
     try:
@@ -106,7 +134,9 @@ def run_launchers(commands: list[tuple[list[str], dict[str, str]]], logs: list[P
                 break
             if time.monotonic() > deadline:
                 pytest.fail(f"launchers timed out after {timeout_s:.0f} s:\n" + _tails(logs))
-            time.sleep(0.2)
+            if on_poll is not None:
+                on_poll()
+            time.sleep(POLL_S)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -136,6 +166,64 @@ def losses(output: Path, stage: str) -> tuple[dict[int, float], list[int]]:
     """{step: loss} (the last entry of a repeated step wins) and every step in the order it was logged."""
     entries = [json.loads(line) for line in (output / stage / "losses.jsonl").read_text().splitlines()]
     return {e["step"]: e["loss"] for e in entries}, [e["step"] for e in entries]
+
+
+def _logged_steps(output: Path, stage: str) -> list[int]:
+    """The steps rank 0 has logged so far, in order (whole lines only: rank 0 may be writing the last one)."""
+    try:
+        text = (output / stage / "losses.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in text.split("\n")[:-1]]
+
+
+class KillRankOnce:
+    """Fault injection from outside the job (an `on_poll` of run_launchers): once rank 0 has logged step
+    `after_step` of `stage`, and before `last_step`, SIGKILL the worker process of `rank` (first attempt only).
+
+    The worker is frozen (SIGSTOP) first, until the stage folder stays unchanged for SETTLE_S: a frozen rank lets
+    its peers run on only to their next collective with it, so `killed_after` (the last step logged) and
+    `newest_checkpoint` (the newest committed checkpoint, which the restarted job must resume from) are exactly
+    what the job held when the rank died. `missed` is the step already logged when it was too late."""
+
+    SETTLE_S, SETTLE_MAX_S = 2.0, 20.0
+
+    def __init__(self, tag: str, output: Path, stage: str, rank: int, after_step: int, last_step: int):
+        self.tag, self.output, self.stage, self.rank = tag, output, stage, rank
+        self.after_step, self.last_step = after_step, last_step
+        self.killed_after: int | None = None
+        self.newest_checkpoint: int | None = None
+        self.missed: int | None = None
+
+    def _stage_state(self) -> tuple[int, list[int]]:
+        from training.checkpoint_store import CheckpointManager
+
+        steps = _logged_steps(self.output, self.stage)
+        root = self.output / self.stage / "checkpoints"
+        return (steps[-1] if steps else 0), [step for step, _ in CheckpointManager(root).committed_steps()]
+
+    def __call__(self) -> None:
+        if self.killed_after is not None or self.missed is not None:
+            return
+        steps = _logged_steps(self.output, self.stage)
+        if not steps or steps[-1] < self.after_step:
+            return
+        if steps[-1] >= self.last_step:
+            self.missed = steps[-1]
+            return
+        pid = _first_attempt_worker(self.tag, self.rank)
+        if pid is None:  # not found this time: try again at the next poll
+            return
+        os.kill(pid, signal.SIGSTOP)
+        state, changed_at, deadline = self._stage_state(), time.monotonic(), time.monotonic() + self.SETTLE_MAX_S
+        while time.monotonic() - changed_at < self.SETTLE_S and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self._stage_state()
+            if now != state:
+                state, changed_at = now, time.monotonic()
+        self.killed_after, committed = state
+        self.newest_checkpoint = max(committed, default=None)
+        os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -179,7 +267,7 @@ def test_torchrun_script_rejects_a_bad_node_rank():
 
 @pytest.mark.timeout(300)
 def test_two_node_job_over_loopback_commits_one_consistent_checkpoint(two_node_run):
-    from training.checkpoint import CheckpointManager
+    from training.checkpoint_store import CheckpointManager
 
     output, logs = two_node_run["output"], two_node_run["logs"]
     assert two_node_run["codes"] == [0, 0], _tails(logs)
@@ -208,25 +296,33 @@ def test_two_node_job_over_loopback_commits_one_consistent_checkpoint(two_node_r
     assert sorted(by_step) == list(range(1, 13)) and by_step[12] < by_step[1], by_step
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(RESTART_TIMEOUT_S + LAUNCH_TIMEOUT_S + 60)  # + the two-node reference, when it runs first here
 def test_sigkill_of_a_rank_restarts_from_the_last_checkpoint_and_matches(data, two_node_run, tmp_path):
-    """Checkpoints every 2 steps; rank 1 dies by SIGKILL after step 7 of 12; torchrun (max 1 restart)
-    restarts both ranks, which resume from step 6 -> the same losses and final weights as the uninterrupted run."""
+    """Checkpoints every 2 steps; rank 1's process is SIGKILLed from outside once step 7 of 12 is logged;
+    torchrun (max 1 restart) restarts both ranks, which resume from the newest committed checkpoint -> the same
+    losses and final weights as the uninterrupted run."""
     from training.distributed import free_port
 
     assert two_node_run["codes"] == [0, 0], _tails(two_node_run["logs"])
     log = tmp_path / "torchrun.log"
-    env = _env(uuid.uuid4().hex, NPROC_PER_NODE="2", MAX_RESTARTS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMNI_TEST_KILL_AT_STEP="7", OMNI_TEST_KILL_RANK="1")
-    codes = run_launchers([(["bash", "launch/torchrun.sh", *train_overrides(data, tmp_path)], env)], [log])
+    tag = uuid.uuid4().hex
+    env = _env(tag, NPROC_PER_NODE="2", MAX_RESTARTS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    killer = KillRankOnce(tag, tmp_path, "experts", rank=1, after_step=7, last_step=12)
+    codes = run_launchers([(["bash", "launch/torchrun.sh", *train_overrides(data, tmp_path)], env)], [log],
+                          timeout_s=RESTART_TIMEOUT_S, on_poll=killer)
     text = log.read_text(errors="replace")
+    assert killer.missed is None, f"the stage had logged step {killer.missed} before rank 1 could be killed"
+    assert killer.killed_after is not None, "rank 1's worker process was never found:\n" + text[-5000:]
     assert codes == [0], _tails([log])
-    assert "rank 1 kills itself after step 7" in text, text[-5000:]
-    assert "resumed from" in text and "step-000006 at step 6" in text, text[-5000:]
+    killed_after, resumed = killer.killed_after, killer.newest_checkpoint
+    # step 7 was logged, so checkpoint 6 was committed; the restart resumes from the newest one, not the last step
+    assert resumed is not None and resumed % 2 == 0 and 6 <= resumed <= killed_after < 12, (resumed, killed_after)
+    assert "resumed from" in text and f"step-{resumed:06d} at step {resumed}" in text, text[-5000:]
 
     got, order = losses(tmp_path, "experts")
     want, _ = losses(two_node_run["output"], "experts")
-    assert order.count(7) == 2 and order[-1] == 12, order  # step 7 ran before the kill and again after the restart
+    # the first attempt logged 1..killed_after, the restarted job resumed+1..12
+    assert order == list(range(1, killed_after + 1)) + list(range(resumed + 1, 13)), (order, killed_after, resumed)
     assert got == want
     reference = load_file(str(two_node_run["output"] / "experts" / "model" / "model.safetensors"))
     weights = load_file(str(tmp_path / "experts" / "model" / "model.safetensors"))

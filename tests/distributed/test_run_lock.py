@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.launching import REPO_ROOT, launcher_env, small_synth_shards
-from training.checkpoint import CheckpointManager
+from training.checkpoint_store import CheckpointManager
 from training.run_lock import RunLock, RunLockHeld
 
 RECIPE = "tests/distributed/loop_recipe.yaml"

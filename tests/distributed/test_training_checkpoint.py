@@ -116,15 +116,15 @@ def _eval_losses(setup, rank: int, world: int) -> list[float]:
 def _manager(root: str, rank: int, world: int):
     import torch.distributed as dist
 
-    from training.checkpoint import CheckpointManager
+    from training.checkpoint_store import CheckpointManager
 
     return CheckpointManager(root, keep_last=2, rank=rank, world_size=world, barrier=dist.barrier)
 
 
 def worker_save(rank: int, world: int, args: dict) -> dict:
-    from training.checkpoint import TrainingState
-    from training.checkpointing import save_training_checkpoint
     from training.distributed import seed_everything
+    from training.engine_checkpoint import save_training_checkpoint
+    from training.training_state import TrainingState
 
     out = {}
     for name, (stage, precision) in RUNS.items():
@@ -150,15 +150,10 @@ def worker_save(rank: int, world: int, args: dict) -> dict:
 
 
 def worker_resume(rank: int, world: int, args: dict) -> dict:
-    from training.checkpoint import CheckpointIntegrityError
-    from training.checkpointing import (
-        MasterWeightMismatchError,
-        check_master_weights,
-        latest_training_checkpoint,
-        load_training_checkpoint,
-        master_weight_fragments,
-    )
+    from training.checkpoint_store import CheckpointIntegrityError
+    from training.deepspeed_state import MasterWeightMismatchError, check_master_weights, master_weight_fragments
     from training.distributed import seed_everything
+    from training.engine_checkpoint import latest_training_checkpoint, load_training_checkpoint
     from training.expert_parallel import is_expert_key
 
     out = {}
@@ -205,13 +200,14 @@ class _Collect(logging.Handler):
 
 
 def worker_reshard(rank: int, world: int, args: dict) -> dict:
-    from training.checkpoint import TrainingState, read_json
-    from training.checkpointing import LAYOUT_FILE, load_training_checkpoint, save_training_checkpoint
+    from training.checkpoint_files import read_json
+    from training.engine_checkpoint import LAYOUT_FILE, load_training_checkpoint, save_training_checkpoint
+    from training.training_state import TrainingState
 
     model = _model(seed=123)
     setup = _setup(model, 1, "fp32", args["ep_size"], world)
     handler = _Collect()
-    logging.getLogger("training.checkpointing").addHandler(handler)
+    logging.getLogger("training.engine_checkpoint").addHandler(handler)
     state = load_training_checkpoint(args["path"], setup, model)
     result = {
         "state": _full_state(setup), "eval": _eval_losses(setup, rank, world), "ep_rank": setup.layout.ep_rank,
@@ -351,7 +347,7 @@ def test_deepspeed_files_load_weights_only(tmp_path):
     """DeepSpeed's own loader unpickles fully; ours refuses a pickle that would run code, without running it."""
     import os
 
-    from training.checkpointing import _safe_checkpoint_engine
+    from training.deepspeed_state import safe_checkpoint_engine
 
     marker = tmp_path / "pwned"
 
@@ -362,8 +358,8 @@ def test_deepspeed_files_load_weights_only(tmp_path):
     evil = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload()}, evil)  # a DeepSpeed-named file whose pickle calls os.system on load
     with pytest.raises(ValueError, match="refusing"):
-        _safe_checkpoint_engine().load(str(evil))
+        safe_checkpoint_engine().load(str(evil))
     assert not marker.exists()
     plain = tmp_path / "plain.pt"
     torch.save({"lr_scheduler": {"last_batch_iteration": 3}, "w": torch.ones(2)}, plain)
-    assert _safe_checkpoint_engine().load(str(plain))["lr_scheduler"] == {"last_batch_iteration": 3}
+    assert safe_checkpoint_engine().load(str(plain))["lr_scheduler"] == {"last_batch_iteration": 3}

@@ -290,7 +290,7 @@ def test_stage_and_run_folders_resolve_to_the_latest_checkpoint(run, checkpoint)
 
 def test_flipped_byte_in_an_expert_file_is_a_named_integrity_error(checkpoint, tmp_path):
     from omni.loading import load_model_and_processor
-    from training.checkpoint import CheckpointIntegrityError
+    from training.checkpoint_store import CheckpointIntegrityError
 
     copy = tmp_path / "checkpoints" / checkpoint.name
     shutil.copytree(checkpoint, copy)

@@ -1,5 +1,5 @@
 """A weights file that does not decode is an error naming the file and the reason, on every read of a checkpoint or
-a model folder (the checkpoint manifest's checksums, training/checkpoint.py, cannot catch it when the manifest was
+a model folder (the checkpoint manifest's checksums, training/checkpoint_store.py, cannot catch it when the manifest was
 re-sealed to match)."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 from omni.cli import main
 from omni.loading import load_model_and_processor
 from tests.tiny import save_tiny_omni_folder, tiny_config
-from training.checkpoint import CheckpointManager
-from training.checkpointing import DENSE_FILE, LAYOUT_FILE, MODEL_CONFIG_FILE
+from training.checkpoint_store import CheckpointManager
+from training.engine_checkpoint import DENSE_FILE, LAYOUT_FILE, MODEL_CONFIG_FILE
 from training.weights_files import CorruptFileError
 
 NOT_SAFETENSORS = b"\xff" * 64  # an 8-byte header length far beyond the file: "header too large"
@@ -20,7 +20,7 @@ NOT_SAFETENSORS = b"\xff" * 64  # an 8-byte header length far beyond the file: "
 def sealed_corrupt_checkpoint(tmp_path):
     """A committed checkpoint (manifest and COMMITTED written over the bad bytes) whose dense file is not
     safetensors."""
-    from training.checkpointing import LAYOUT_FORMAT, LAYOUT_FORMAT_VERSION
+    from training.engine_checkpoint import LAYOUT_FORMAT, LAYOUT_FORMAT_VERSION
 
     manager = CheckpointManager(tmp_path / "checkpoints", keep_last=None)
     staged = manager.begin(1)

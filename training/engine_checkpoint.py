@@ -23,10 +23,9 @@ DeepSpeed's files carry what only DeepSpeed can restore (its optimizer partition
 Loading (`load_training_checkpoint`, collective): rank 0 verifies the manifest (sha256 of every file) and every
 rank raises the same `CheckpointIntegrityError` if anything is off, before any file is read. Then:
   * same layout (world size, EP size, ZeRO stage, precision): DeepSpeed's `load_checkpoint` restores optimizer,
-    scheduler and counters -- reading its `torch.save` pickles ONLY with `weights_only=True` (DeepSpeed 0.19.8
-    itself calls `torch.load(weights_only=False)`: we swap in `SafeTorchCheckpointEngine`, which allows exactly the
-    three DeepSpeed classes its optimizer state contains); our files then fill the module, and ZeRO's fp32 master
-    copy of every parameter is checked against the loaded weights (`check_master_weights`);
+    scheduler and counters -- reading its `torch.save` pickles ONLY with `weights_only=True`
+    (training/deepspeed_state.py); our files then fill the module, and ZeRO's fp32 master copy of every parameter
+    is checked against the loaded weights (`check_master_weights`);
   * another layout: weights from our files (experts by global id), a FRESH optimizer (DeepSpeed cannot re-partition
     ZeRO state for another data-parallel size without its universal-checkpoint conversion), scheduler position and
     engine counters from our JSON; a warning names everything that was reset.
@@ -45,14 +44,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import (
-    CheckpointIntegrityError, CheckpointManager, TrainingState, load_tensors, read_json, safe_torch_load,
-    save_tensors, write_json,
+from .checkpoint_files import load_tensors, read_json, save_tensors, write_json
+from .checkpoint_store import CheckpointIntegrityError, CheckpointManager
+from .deepspeed_state import (
+    MasterWeightMismatchError, check_master_weights, ignore_deepspeed_module_state, module_weights_left_out,
+    weights_only_deepspeed_loads,
 )
 from .engine import EngineSetup
 from .expert_parallel import grouped_experts, is_expert_key, moe_blocks
 from .failure_watch import raised_on_every_rank
+from .rank_agreement import broadcast_json, comm_device, first_failure, raise_if_any_rank_failed
 from .rng import load_rng_state, save_rng_state
+from .training_state import TrainingState
 from .weights_files import SafetensorsFile
 
 logger = logging.getLogger(__name__)
@@ -73,58 +76,12 @@ LAYOUT_FORMAT_VERSION = 1
 _DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
-class MasterWeightMismatchError(RuntimeError):
-    """The optimizer's fp32 master copy of a parameter differs from the model's weights after a load."""
-
-
 class CheckpointLayoutError(ValueError):
     """The checkpoint's tensors do not fit the model (missing/unexpected keys, shapes, an unreshardable tensor)."""
 
 
-# ----------------------------------------------------------------------------------------------- collectives
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _broadcast_json(payload: Any, source: int) -> Any:
-    """Collective: `payload` (JSON-able) of rank `source`, on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return payload
-    rank, device = dist.get_rank(), _comm_device()
-    data = json.dumps(payload).encode() if rank == source else b""
-    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    dist.broadcast(length, src=source)
-    buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    if rank == source:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buffer, src=source)
-    return json.loads(bytes(buffer.cpu().tolist()).decode())
-
-
-def _first_failure(payload: dict | None) -> tuple[int, dict] | None:
-    """Collective: every rank passes its failure (a JSON-able dict) or None; every rank gets the lowest failing
-    rank's (rank, payload), or None. Ranks must take the same branch after a failure anywhere, or the ones that
-    carry on would wait in their next collective until the process-group timeout."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None if payload is None else (0, payload)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    flag = torch.tensor([rank if payload is not None else world], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    source = int(flag.item())
-    return None if source == world else (source, _broadcast_json(payload, source))
-
-
-def _raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
-    failure = _first_failure(None if error is None else {"type": type(error).__name__, "message": str(error)})
-    if failure is None:
-        return
-    source, payload = failure
-    exc_type = {"CheckpointLayoutError": CheckpointLayoutError,
-                "MasterWeightMismatchError": MasterWeightMismatchError}.get(payload["type"], RuntimeError)
-    message = f"{what} failed on rank {source}: {payload['type']}: {payload['message']}"
-    raise raised_on_every_rank(exc_type(message)) from error
+# a failure of one rank is raised on every rank as this type when its name matches, else as RuntimeError
+_ERROR_TYPES = (CheckpointLayoutError, MasterWeightMismatchError)
 
 
 def _world() -> tuple[int, int]:
@@ -195,116 +152,6 @@ def _same_layout(saved: dict[str, Any], now: dict[str, Any]) -> bool:
     return all(saved[k] == now[k] for k in ("world_size", "ep_size", "zero_stage", "bf16"))
 
 
-# ------------------------------------------------------------------------------------- DeepSpeed's files
-def deepspeed_safe_globals() -> list[Any]:
-    """The DeepSpeed classes inside its optimizer checkpoints (measured with 0.19.8, ZeRO 0-2, fp32/bf16): the
-    loss scaler object, the ZeRO stage enum, the fragment-address dataclass of `param_slice_mappings`. Allowing
-    them lets `weights_only=True` rebuild them (attribute assignment only; no code runs)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _safe_checkpoint_engine(config_params: Any = None):
-    """DeepSpeed's TorchCheckpointEngine, except that `load` never unpickles arbitrary objects."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                return safe_torch_load(path, map_location=map_location)
-
-    return SafeTorchCheckpointEngine(config_params)
-
-
-@contextlib.contextmanager
-def _weights_only_deepspeed_loads(engine: Any):
-    original = engine.checkpoint_engine
-    engine.checkpoint_engine = _safe_checkpoint_engine(getattr(engine, "_config", None))
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine = original
-
-
-@contextlib.contextmanager
-def _module_weights_left_out(engine: Any):
-    """DeepSpeed's module-state hooks return nothing for the duration of a save (instance attributes shadowing the
-    methods; DeepSpeed's MoE path calls `_get_non_moe_state_dict`, its dense path `module_state_dict`)."""
-    engine._get_non_moe_state_dict = lambda full_state_dict: {}
-    engine.module_state_dict = lambda *args, **kwargs: {}
-    try:
-        yield
-    finally:
-        del engine._get_non_moe_state_dict
-        del engine.module_state_dict
-
-
-def _ignore_deepspeed_module_state(src: dict, dst: nn.Module) -> None:
-    """`custom_load_fn` for DeepSpeed's module load: the weights come from our files, never from DeepSpeed's."""
-
-
-# ------------------------------------------------------------------------------------------ master weights
-def _flat_offset(tensor: torch.Tensor, flat: torch.Tensor, what: str) -> int:
-    offset, rest = divmod(tensor.data_ptr() - flat.data_ptr(), tensor.element_size())
-    if rest or offset < 0 or offset + tensor.numel() > flat.numel():
-        raise RuntimeError(f"{what} is not a view of its optimizer group's flat buffer (DeepSpeed internals moved?)")
-    return offset
-
-
-def master_weight_fragments(engine: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(parameter name, model weight fragment, fp32 master fragment) for every piece of master copy this rank holds.
-
-    ZeRO 1/2 (`DeepSpeedZeroOptimizer`) and bf16 ZeRO-1 (`BF16_Optimizer`): each optimizer group is one flat buffer
-    the model's parameters are views of; this rank's fp32 partition covers a slice of it, so each parameter
-    overlapping that slice yields one fragment. bf16 ZeRO-0 (`FP16_UnfusedOptimizer`): one fp32 copy per
-    parameter. fp32 ZeRO-0 (a plain torch optimizer): the parameters are their own master, nothing to compare."""
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    opt = engine.optimizer
-    if hasattr(opt, "single_partition_of_fp32_groups"):
-        groups = zip(opt.bit16_groups_flat, opt.round_robin_bit16_groups, opt.parallel_partitioned_bit16_groups,
-                     opt.single_partition_of_fp32_groups, opt.real_dp_process_group, strict=True)
-    elif hasattr(opt, "fp32_groups_flat_partition"):
-        groups = zip(opt.bf16_groups_flat, opt.bf16_groups, opt.bf16_partitioned_groups,
-                     opt.fp32_groups_flat_partition, opt.real_dp_process_group, strict=True)
-    elif hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
-        return [(names[id(p)], p.detach(), m.detach()) for lp, hp in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
-                for p, m in zip(lp, hp, strict=True)]
-    else:
-        return []
-    fragments = []
-    for flat, params, partitions, master, group in groups:
-        part = partitions[dist.get_rank(group=group)]
-        start = _flat_offset(part, flat, "a ZeRO partition")
-        end = start + part.numel()
-        for param in params:
-            p_start = _flat_offset(param, flat, f"parameter {names[id(param)]}")
-            low, high = max(start, p_start), min(end, p_start + param.numel())
-            if low < high:
-                fragments.append((names[id(param)], param.detach().view(-1)[low - p_start:high - p_start],
-                                  master.detach()[low - start:high - start]))
-    return fragments
-
-
-def check_master_weights(setup: EngineSetup) -> int:
-    """Collective: raise MasterWeightMismatchError on every rank unless, on every rank, the optimizer's fp32 master
-    copy rounded to the model's dtype equals the model's weights exactly. Returns how many fragments this rank
-    compared. A mismatch after a load means the optimizer state and the weight files disagree (the next step would
-    silently overwrite the loaded weights from the stale master copy)."""
-    fragments = master_weight_fragments(setup.engine)
-    error = None
-    for name, weight, master in fragments:
-        if not torch.equal(master.to(weight.dtype), weight):
-            diff = float((master.float() - weight.float()).abs().max())
-            error = MasterWeightMismatchError(
-                f"optimizer fp32 master copy of {name} differs from the loaded weights (max abs diff {diff:.3g})")
-            break
-    _raise_if_any_rank_failed(error, "master weight check")
-    return len(fragments)
-
-
 # ------------------------------------------------------------------------------------------------ saving
 def save_training_checkpoint(manager: CheckpointManager, setup: EngineSetup, model: nn.Module, state: TrainingState,
                              data_state: dict | None = None, metadata: dict | None = None) -> Path:
@@ -326,7 +173,7 @@ def save_training_checkpoint(manager: CheckpointManager, setup: EngineSetup, mod
     ep_group_rank = dist.get_rank(group=layout.expert_data_parallel_group) if dist.is_initialized() else 0
     writes_experts = ep_group_rank == 0
     # rank -> (EP rank, writes this EP rank's experts?) for the expert file map rank 0 records
-    mine = torch.tensor([layout.ep_rank, int(writes_experts)], dtype=torch.int64, device=_comm_device())
+    mine = torch.tensor([layout.ep_rank, int(writes_experts)], dtype=torch.int64, device=comm_device())
     everyone = [torch.empty_like(mine) for _ in range(world)]
     if dist.is_initialized():
         dist.all_gather(everyone, mine)
@@ -355,9 +202,10 @@ def save_training_checkpoint(manager: CheckpointManager, setup: EngineSetup, mod
                 })
     except Exception as err:  # every rank must reach the same collectives below
         error = err
-    _raise_if_any_rank_failed(error, f"writing checkpoint step {state.step} (staging folder {ckpt.path})")
+    raise_if_any_rank_failed(error, f"writing checkpoint step {state.step} (staging folder {ckpt.path})",
+                             _ERROR_TYPES)
 
-    with _module_weights_left_out(engine):
+    with module_weights_left_out(engine):
         engine.save_checkpoint(str(ckpt.path), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
     if rank == 0:
         for script in _DEEPSPEED_RECOVERY_SCRIPTS:  # DeepSpeed copies them next to its tag folder
@@ -403,7 +251,7 @@ def _verify_everywhere(path: Path, verify: str) -> None:
             failure = {"file": err.file, "reason": err.reason}
         except (OSError, ValueError, KeyError, TypeError) as err:  # e.g. an unreadable manifest
             failure = {"file": "manifest.json", "reason": f"{type(err).__name__}: {err}"}
-    agreed = _first_failure(failure)
+    agreed = first_failure(failure)
     if agreed is not None:
         raise raised_on_every_rank(CheckpointIntegrityError(path, agreed[1]["file"], agreed[1]["reason"]))
 
@@ -416,7 +264,7 @@ def latest_training_checkpoint(manager: CheckpointManager) -> Path | None:
     if _world()[0] == 0:
         found = manager.latest_valid()
         choice = None if found is None else str(found)
-    choice = _broadcast_json(choice, 0)
+    choice = broadcast_json(choice, 0)
     return None if choice is None else Path(choice)
 
 
@@ -497,17 +345,17 @@ def load_training_checkpoint(path: str | Path, setup: EngineSetup, model: nn.Mod
     error = None
     try:
         if same:  # optimizer partitions, scheduler, counters; the module is left alone (custom_load_fn)
-            with _weights_only_deepspeed_loads(engine):
+            with weights_only_deepspeed_loads(engine):
                 load_path, _ = engine.load_checkpoint(
                     str(path), tag=saved["deepspeed_tag"], load_optimizer_states=True, load_lr_scheduler_states=True,
-                    custom_load_fn=_ignore_deepspeed_module_state)
+                    custom_load_fn=ignore_deepspeed_module_state)
             if load_path is None:
                 raise CheckpointLayoutError(f"{path / saved['deepspeed_tag']}: DeepSpeed found no checkpoint to load")
         # after DeepSpeed's load: the weights of every rank come from our files, whatever DeepSpeed touched
         _load_weights(path, saved, model, setup.layout.ep_size)
     except Exception as err:  # agree first, so no rank is left waiting in a collective
         error = err
-    _raise_if_any_rank_failed(error, f"loading {path}")
+    raise_if_any_rank_failed(error, f"loading {path}", _ERROR_TYPES)
 
     state_file = path / f"rank-{rank if saved['world_size'] == world else 0:05d}" / STATE_FILE
     state = TrainingState.load(state_file)
@@ -545,8 +393,7 @@ def load_training_checkpoint(path: str | Path, setup: EngineSetup, model: nn.Mod
 
 
 __all__ = [
-    "DEEPSPEED_TAG", "DENSE_FILE", "EXPERT_FILE", "EXPERT_SEPARATOR", "LAYOUT_FILE", "LORA_CONFIG_DIR",
-    "MODEL_CONFIG_FILE", "CheckpointLayoutError",
-    "MasterWeightMismatchError", "check_master_weights", "current_layout", "deepspeed_safe_globals",
-    "latest_training_checkpoint", "load_training_checkpoint", "master_weight_fragments", "save_training_checkpoint",
+    "DEEPSPEED_TAG", "DENSE_FILE", "EXPERT_FILE", "EXPERT_SEPARATOR", "LAYOUT_FILE", "LAYOUT_FORMAT",
+    "LAYOUT_FORMAT_VERSION", "LORA_CONFIG_DIR", "MODEL_CONFIG_FILE", "RNG_FILE", "STATE_FILE", "CheckpointLayoutError",
+    "current_layout", "latest_training_checkpoint", "load_training_checkpoint", "save_training_checkpoint",
 ]

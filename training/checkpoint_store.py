@@ -14,29 +14,23 @@ deletes. Every rank issues the same barriers whatever fails (a rank that skips o
 rank raises if the checkpoint did not end up published.
 
 Assumes `root` is a filesystem every rank sees (local disk for one node, a shared filesystem for several), and one
-job per `root`. Nothing here pickles: JSON for metadata, safetensors for tensors, `torch.load(weights_only=True)`
-for any foreign file.
+job per `root`. What goes inside a step folder is the writer's business (training/engine_checkpoint.py for a training
+run); the file formats are those of training/checkpoint_files.py, none of which unpickles.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from .weights_files import CorruptFileError
+from .checkpoint_files import fsync_dir, read_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -65,207 +59,6 @@ class CheckpointCommitError(RuntimeError):
     """`commit` did not publish the checkpoint (the previous checkpoints are untouched)."""
 
 
-# ----------------------------------------------------------------------------------------------------- secrets
-REDACTED = "<redacted>"
-_SECRET_ENV_NAME_RE = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", re.IGNORECASE)
-# Keys whose string value is a secret whatever its value. Narrow on purpose: configs are full of innocent "*_token"
-# keys (pad_token, eos_token) that must survive.
-_SECRET_KEYS = {"token", "hf_token", "hub_token", "access_token", "auth_token", "use_auth_token", "api_key",
-                "apikey", "secret", "secret_key", "client_secret", "private_key", "password", "passwd"}
-_SECRET_KEY_SUFFIXES = ("_api_key", "_secret", "_secret_key", "_password", "_access_token", "_auth_token",
-                        "_hub_token", "_hf_token")
-MIN_SECRET_CHARS = 8  # shorter env values ("1", "true") would redact innocent text everywhere
-
-
-def secret_env_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """{name: value} of environment variables whose names look like credentials (HF_TOKEN, *_KEY, *_SECRET...)."""
-    environ = os.environ if environ is None else environ
-    return {
-        name: value for name, value in environ.items()
-        if _SECRET_ENV_NAME_RE.search(name) and len(value) >= MIN_SECRET_CHARS
-    }
-
-
-def _is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return lowered in _SECRET_KEYS or lowered.endswith(_SECRET_KEY_SUFFIXES)
-
-
-def scrub_secrets(obj: Any, extra_secrets: tuple[str, ...] = (), environ: Mapping[str, str] | None = None) -> Any:
-    """A copy of `obj` (dicts, lists, tuples, strings, scalars) safe to write to disk or logs.
-
-    - every occurrence of the value of a credential-like environment variable (and of each `extra_secrets` value)
-      inside any string, key or value, becomes `<redacted:NAME>`;
-    - the string value of a credential-like key (`token`, `api_key`, `*_secret`, ...) becomes `<redacted>`."""
-    replacements = sorted(secret_env_values(environ).items(), key=lambda kv: -len(kv[1]))
-    replacements += [("secret", s) for s in extra_secrets if s and len(s) >= MIN_SECRET_CHARS]
-
-    def scrub_text(text: str) -> str:
-        for name, value in replacements:
-            if value in text:
-                text = text.replace(value, f"<redacted:{name}>")
-        return text
-
-    def walk(value: Any, key: Any = None) -> Any:
-        if isinstance(value, str):
-            return REDACTED if isinstance(key, str) and _is_secret_key(key) else scrub_text(value)
-        if isinstance(value, Mapping):
-            return {(scrub_text(k) if isinstance(k, str) else k): walk(v, k) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            items = [walk(v) for v in value]
-            return items if isinstance(value, list) else tuple(items)
-        return value
-
-    return walk(obj)
-
-
-# ------------------------------------------------------------------------------------------- files and fsync
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside `path` durable (the directory entry, not just the file data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as JSON, secrets scrubbed, atomically (temp file, fsync, rename): a reader sees old or new."""
-    path = Path(path)
-    text = json.dumps(scrub_secrets(obj), indent=2, sort_keys=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-
-
-def sha256_file(path: Path, fsync: bool = False) -> str:
-    with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        if fsync:  # fsync through a read-only descriptor flushes the file's dirty pages on Linux
-            os.fsync(handle.fileno())
-    return digest
-
-
-# -------------------------------------------------------------------------------------------------- tensors
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> Path:
-    """Save tensors with safetensors. Each is detached and moved to CPU; non-contiguous tensors, views of a larger
-    buffer and tensors sharing storage with another entry (tied weights) are copied, since safetensors refuses
-    shared storage. `metadata` (str -> str) goes to the header, secrets scrubbed."""
-    path = Path(path)
-    prepared: dict[str, torch.Tensor] = {}
-    seen_storages: set[int] = set()
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"save_tensors({path}): {name!r} is a {type(tensor).__name__}, not a tensor")
-        cpu = tensor.detach().to("cpu")
-        storage = cpu.untyped_storage()
-        whole_storage = cpu.data_ptr() == storage.data_ptr() and cpu.nbytes == storage.nbytes()
-        if not cpu.is_contiguous() or not whole_storage or storage.data_ptr() in seen_storages:
-            cpu = cpu.contiguous().clone()
-        seen_storages.add(cpu.untyped_storage().data_ptr())
-        prepared[name] = cpu
-    header = None if metadata is None else {str(k): str(v) for k, v in scrub_secrets(dict(metadata)).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(prepared, str(path), metadata=header)
-    return path
-
-
-def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file. Anything else (a pickle posing as a checkpoint file) raises ValueError naming the
-    file; safetensors reads a JSON header and raw bytes, so no code in the file can run."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"load_tensors: {path} does not exist")
-    try:
-        return load_file(str(path), device=device)
-    except Exception as err:  # SafetensorError: bad header / truncated / not safetensors at all
-        raise CorruptFileError(f"load_tensors: {path} is not a valid safetensors file: {err}") from err
-
-
-def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
-    """`torch.load` restricted to tensors and plain containers (`weights_only=True`), for files we did not write
-    (e.g. DeepSpeed's). A pickle that would build arbitrary objects raises ValueError naming the file."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # UnpicklingError (forbidden global) or a corrupt archive
-        raise ValueError(f"safe_torch_load: refusing {path}: {err}") from err
-
-
-# ---------------------------------------------------------------------------------------------- train state
-@dataclass
-class TrainingState:
-    """Everything besides tensors needed to resume exactly where a run stopped (saved as JSON).
-
-    `data_state` is the data loader's JSON-able resume state; `scheduler_state` the LR scheduler's `state_dict()`.
-    Tuples come back as lists; dict keys must be strings (JSON would silently turn int keys into strings)."""
-
-    step: int = 0
-    epoch: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    stage: str = ""
-    nonfinite_skips: int = 0
-    data_state: dict[str, Any] = field(default_factory=dict)
-    scheduler_state: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        payload = dataclasses.asdict(self)
-        _check_json_able(payload, "TrainingState")
-        payload["format_version"] = FORMAT_VERSION
-        return json.dumps(scrub_secrets(payload), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainingState":
-        payload = json.loads(text)
-        if not isinstance(payload, dict):
-            raise ValueError(f"TrainingState.from_json: expected a JSON object, got {type(payload).__name__}")
-        payload.pop("format_version", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(payload) - known)
-        if unknown:
-            raise ValueError(f"TrainingState.from_json: unknown fields {unknown} (saved by a newer version?)")
-        return cls(**payload)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, json.loads(self.to_json()))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TrainingState":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
-
-
-def _check_json_able(value: Any, where: str) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; JSON needs string keys")
-            _check_json_able(item, f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_json_able(item, f"{where}[{index}]")
-    elif not (value is None or isinstance(value, (bool, int, float, str))):
-        raise TypeError(f"{where} is a {type(value).__name__}, which JSON cannot hold (save tensors with save_tensors)")
-
-
-# ------------------------------------------------------------------------------------------------ the manager
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -322,7 +115,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
             staging.mkdir()
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         self._barrier()
         if not staging.is_dir():
             raise CheckpointCommitError(
@@ -390,13 +183,13 @@ class CheckpointManager:
                                           "world_size": self.world_size, "files": files})
         for rank in range(self.world_size):
             (ckpt.path / _PARTIAL_MANIFEST.format(rank=rank)).unlink()
-        _fsync_dir(ckpt.path)
+        fsync_dir(ckpt.path)
         replaced = None
         if ckpt.final_path.exists():  # re-saving a step (e.g. after resuming from an earlier one): move it aside
             replaced = self.root / f"{DELETING_PREFIX}{ckpt.final_path.name}-{uuid.uuid4().hex[:8]}"
             os.rename(ckpt.final_path, replaced)
         os.rename(ckpt.path, ckpt.final_path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._write_commit_marker(ckpt.final_path)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
@@ -533,8 +326,6 @@ class CheckpointManager:
 
 
 __all__ = [
-    "COMMITTED", "MANIFEST", "METADATA", "CheckpointCommitError", "CheckpointIntegrityError", "CheckpointManager",
-    "CorruptFileError",
-    "StagedCheckpoint", "TrainingState", "load_tensors", "read_json", "safe_torch_load", "save_tensors",
-    "scrub_secrets", "secret_env_values", "sha256_file", "step_dir_name", "write_json",
+    "COMMITTED", "DELETING_PREFIX", "FORMAT_VERSION", "MANIFEST", "METADATA", "STAGING_PREFIX", "VERIFY_MODES",
+    "CheckpointCommitError", "CheckpointIntegrityError", "CheckpointManager", "StagedCheckpoint", "step_dir_name",
 ]
