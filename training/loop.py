@@ -40,7 +40,9 @@ from .engine import (
 from .failure_watch import PeerFailureWatch
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
 from .resume_config import check_resume_config
-from .stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups, unwrap_model
+from .freeze import apply_stage, prepare_model_for_stage, trainable_param_groups
+from .lora import unwrap_model
+from .stage_spec import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def _keep_frozen_experts_in_a_moe_group(model: torch.nn.Module, plan) -> None:
     optimizer as fully row-masked tensors (stages.py's mechanism): a hook zeroes every row of their gradient and
     their group has weight decay 0, so with a fresh AdamW their update is exactly 0 and they stay bitwise unchanged
     (at the cost of their optimizer state)."""
-    from .stages import MaskedExperts, _grouped_experts, local_global_ids, unwrap_model
+    from .freeze import MaskedExperts, _grouped_experts, local_global_ids
 
     names = {id(p): n for n, p in model.named_parameters()}
     for block in unwrap_model(model).moe_blocks:
