@@ -33,15 +33,17 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointManager, TrainingState
 from .checkpointing import latest_training_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .distributed import get_rank, get_world_size
+from .deepspeed_moe import expert_parameters, install_moe_markers, prepare_expert_parallel, tag_expert_parameters
 from .engine import (
-    DROPPED, SKIPPED, STEPPED, EngineSetup, build_deepspeed_config, expert_parameters, guarded_backward_step,
-    initialize_engine, prepare_expert_parallel,
+    DROPPED, SKIPPED, STEPPED, EngineSetup, build_deepspeed_config, enable_activation_checkpointing,
+    guarded_backward_step, initialize_engine,
 )
 from .failure_watch import PeerFailureWatch
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
 from .resume_config import check_resume_config
 from .freeze import apply_stage, prepare_model_for_stage, trainable_param_groups
 from .lora import unwrap_model
+from .lr_schedule import LRSchedule
 from .stage_spec import StageSpec
 
 log = logging.getLogger(__name__)
@@ -96,12 +98,15 @@ def build_engine(model: torch.nn.Module, stage: StageSpec, run: RunSettings, mic
     opt = stage.optimizer
     ds_config = build_deepspeed_config(
         micro_batch_size=micro_batch_size, gradient_accumulation_steps=run.gradient_accumulation_steps,
-        zero_stage=run.zero_stage, precision=run.precision, gradient_clipping=opt.grad_clip or run.gradient_clipping,
+        zero_stage=run.zero_stage, precision=run.precision, gradient_clipping=opt.grad_clip,
         lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
-        warmup_steps=opt.warmup_steps, total_steps=stage.steps, min_lr_ratio=opt.min_lr_ratio,
     )
-    prepare_expert_parallel(model, run.ep_size, timeout_s=run.timeout_s)
+    schedule = LRSchedule(schedule=opt.schedule, warmup_steps=opt.warmup_steps, total_steps=stage.steps,
+                          min_lr_ratio=opt.min_lr_ratio)
+    layout = prepare_expert_parallel(model, run.ep_size, timeout_s=run.timeout_s)
     model = prepare_model_for_stage(model, stage)
+    tag_expert_parameters(model, run.ep_size)  # after LoRA: adapters inside the experts are expert parameters too
+    install_moe_markers(model, run.ep_size)
     plan = apply_stage(model, stage)
     # LoRA adapters inside the experts are MoE parameters already: no frozen expert tensor needs to stay in the
     # optimizer then (at real scale that state is several GiB per rank)
@@ -109,8 +114,9 @@ def build_engine(model: torch.nn.Module, stage: StageSpec, run: RunSettings, mic
     if not trains_inside_experts and (run.zero_stage in (1, 2) or run.precision == "bf16"):
         _keep_frozen_experts_in_a_moe_group(model, plan)
     groups = trainable_param_groups(model, plan, opt.lr, opt.weight_decay, opt.router_lr_scale)
-    setup = initialize_engine(model, ds_config, run.ep_size, activation_checkpointing=run.activation_checkpointing,
-                              timeout_s=run.timeout_s, param_groups=groups)
+    if run.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    setup = initialize_engine(model, ds_config, layout, param_groups=groups, lr_schedule=schedule)
     return setup, model, plan
 
 
