@@ -143,7 +143,7 @@ def _expert_layout(config) -> list[str]:
 
 
 def _stages(run: RunLocation, stage: str | None, step: int | None) -> list[str]:
-    from training.stages import parse_stages
+    from training.stage_spec import parse_stages
 
     specs = parse_stages(run.recipe.get("stages") or [])
     rows = []

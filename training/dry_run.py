@@ -5,7 +5,7 @@
 
 Only config.json files are read: the dense LLM's and the encoders' for `model.upcycle`, the folder's for
 `model.from`. The model is built on PyTorch's meta device (shapes, no storage); each stage's trainable set comes from
-the code the run itself uses (`training.stages`: presets, LoRA, freezing). The report holds the resolved recipe, the
+the code the run itself uses (`training.stage_spec` presets, `training.freeze`: LoRA, freezing). The report holds the resolved recipe, the
 data plan, total and active parameter counts by component, the expert layout (pools, global ids per EP rank) and,
 per stage, a per-rank memory estimate. World size = NNODES (environment, as for launch/torchrun.sh; default 1) x
 run.nproc_per_node.
@@ -204,7 +204,7 @@ def stage_memory(recipe: Recipe, stage, config, world_size: int) -> tuple[Memory
     group included)."""
     import torch
 
-    from training.stages import apply_stage, prepare_model_for_stage
+    from training.freeze import apply_stage, prepare_model_for_stage
 
     with torch.device("meta"), quiet_transformers():  # PEFT would otherwise allocate and initialise the LoRA factors for real
         model = prepare_model_for_stage(meta_model(config), stage)

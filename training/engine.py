@@ -1,11 +1,9 @@
-"""The DeepSpeed engine: config generation and initialisation with expert parallelism, plus a NaN/inf step guard.
+"""The DeepSpeed engine: config generation and validation, building the engine for a model whose experts are already
+set up for DeepSpeed (training/deepspeed_moe.py), the stage's LR schedule (training/lr_schedule.py), and a NaN/inf
+step guard.
 
-DeepSpeed 0.19.8 turns on its MoE machinery (expert-parallel groups, expert gradient reduction over the
-expert-data-parallel group, MoE-aware grad norms, MoE optimizer groups) only for modules that are
-`deepspeed.moe.layer.MoE` instances. So each MoE block gets a parameter-less `DeepSpeedMoeMarker` child, expert
-parameters are tagged `allreduce=False` / `group_name` before `deepspeed.initialize`, and the optimizer gets MoE
-parameter groups (torch AdamW: nothing is JIT-compiled). The full reasoning, each point checked in DeepSpeed's
-source, is in docs/training.md ("Expert parallelism and ZeRO"). ZeRO-3 is refused with a clear error.
+The optimizer gets MoE parameter groups (torch AdamW: nothing is JIT-compiled). ZeRO-3 is refused with a clear error.
+The full reasoning, each point checked in DeepSpeed's source, is in docs/training.md ("Expert parallelism and ZeRO").
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import copy
 import functools
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import init_distributed
-from .expert_parallel import check_ep_size, grouped_experts, moe_blocks, shard_experts
+from .deepspeed_moe import ExpertParallelLayout, check_ready_for_engine, expert_parameters
+from .expert_parallel import moe_blocks
+from .lr_schedule import LRSchedule, StageLRScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -37,27 +37,23 @@ PRECISIONS = ("fp32", "bf16")
 def build_deepspeed_config(
     *,
     micro_batch_size: int,
+    gradient_clipping: float | None,
     gradient_accumulation_steps: int = 1,
     zero_stage: int = 1,
     precision: str = "fp32",
-    gradient_clipping: float = 1.0,
     lr: float = 5e-4,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
-    warmup_steps: int = 100,
-    total_steps: int = 1000,
-    min_lr_ratio: float = 0.1,
-    warmup_start_ratio: float = 0.0,
     steps_per_print: int = 1_000_000_000,
 ) -> dict[str, Any]:
     """A DeepSpeed JSON config (as a dict) from plain recipe settings.
 
     The global batch is `micro_batch_size x gradient_accumulation_steps x data-parallel world size` (DeepSpeed
-    derives `train_batch_size`). Optimizer: torch AdamW (`torch_adam`; no compiled kernels). Schedule: DeepSpeed's
-    `WarmupCosineLR`, linear warmup from `warmup_start_ratio x lr` over `warmup_steps`, then cosine to
-    `min_lr_ratio x lr` at `total_steps` (DeepSpeed's schedulers start at iteration -1: the very first optimizer
-    step runs at lr 0). bf16 keeps fp32 master weights; gradients accumulate in fp32 at ZeRO 1/2.
+    derives `train_batch_size`). Optimizer: torch AdamW (`torch_adam`; no compiled kernels), `lr` the base of groups
+    that set none. `gradient_clipping`: clip the global gradient norm at this positive value; None turns clipping
+    off (DeepSpeed's 0). No scheduler section: `initialize_engine` builds the stage's schedule (`lr_schedule=`).
+    bf16 keeps fp32 master weights; gradients accumulate in fp32 at ZeRO 1/2.
     """
     if zero_stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(f"zero_stage must be one of {SUPPORTED_ZERO_STAGES}, got {zero_stage} ({_ZERO3_REASON})")
@@ -65,29 +61,21 @@ def build_deepspeed_config(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if micro_batch_size < 1 or gradient_accumulation_steps < 1:
         raise ValueError("micro_batch_size and gradient_accumulation_steps must be >= 1")
-    if total_steps < 1 or warmup_steps < 0:
-        raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
+    if gradient_clipping is not None and not (
+        isinstance(gradient_clipping, (int, float)) and not isinstance(gradient_clipping, bool)
+        and math.isfinite(gradient_clipping) and gradient_clipping > 0
+    ):
+        raise ValueError(f"gradient_clipping must be a positive number or None (no clipping), got {gradient_clipping!r}")
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "gradient_clipping": gradient_clipping,
+        "gradient_clipping": 0.0 if gradient_clipping is None else float(gradient_clipping),
         "steps_per_print": steps_per_print,
         "wall_clock_breakdown": False,
         "optimizer": {
             "type": "AdamW",
             "params": {
                 "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay, "torch_adam": True,
-            },
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": total_steps,
-                # DeepSpeed clamps the warmup to >= 2 steps; 1 behaves like "no warmup" at ratio 1 after step 0
-                "warmup_num_steps": max(1, warmup_steps),
-                "warmup_min_ratio": 1.0 if warmup_steps == 0 else warmup_start_ratio,
-                "cos_min_ratio": min_lr_ratio,
-                "warmup_type": "linear",
             },
         },
         "zero_optimization": {"stage": zero_stage},
@@ -166,93 +154,11 @@ def validate_deepspeed_config(config: dict[str, Any], has_moe: bool) -> dict[str
     return config
 
 
-# ----------------------------------------------------------------------------- DeepSpeed's view of our experts
-def _deepspeed_moe_class() -> type[nn.Module]:
-    from deepspeed.moe.layer import MoE
-
-    return MoE
-
-
-def expert_group_name(ep_size: int) -> str:
-    """DeepSpeed's name for the expert-parallel group family of this size (`deepspeed.moe.layer.MoE` uses it)."""
-    return f"ep_size_{ep_size}"
-
-
-@functools.cache
-def _make_marker_class() -> type[nn.Module]:
-    MoE = _deepspeed_moe_class()
-
-    class DeepSpeedMoeMarker(MoE):
-        """Makes DeepSpeed's engine treat the model as an MoE model (`has_moe_layers`); computes nothing.
-
-        `MoE.__init__` is skipped on purpose: it would build DeepSpeed's own gate and experts. The attributes set
-        here are the ones the engine reads (`num_experts`, `ep_size`, `expert_group_name`, `num_local_experts`).
-        `num_local_experts = 0`: DeepSpeed's per-expert checkpoint files stay empty; our experts are saved by us.
-        """
-
-        def __init__(self, num_experts: int, ep_size: int):
-            nn.Module.__init__(self)
-            self.num_experts = num_experts
-            self.ep_size = ep_size
-            self.expert_group_name = expert_group_name(ep_size)
-            self.num_local_experts = 0
-            self.use_residual = False
-            self.enable_expert_tensor_parallelism = False
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            from deepspeed.utils import groups
-
-            # The engine calls this on every module that has it; our groups were created before sharding.
-            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-                raise RuntimeError(
-                    f"expert-parallel group {self.expert_group_name} missing: build the engine with initialize_engine"
-                )
-
-        def forward(self, *args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("DeepSpeedMoeMarker is a marker for DeepSpeed's engine, not a layer to call")
-
-        def extra_repr(self) -> str:
-            return f"num_experts={self.num_experts}, ep_size={self.ep_size}"
-
-    return DeepSpeedMoeMarker
-
-
-MARKER_ATTR = "deepspeed_moe_marker"
-
-
-def install_moe_markers(model: nn.Module, ep_size: int) -> int:
-    """Attach a marker to every MoE block (no parameters, no state-dict entries). Returns the number of blocks."""
-    marker_class = _make_marker_class()
-    blocks = moe_blocks(model)
-    for block in blocks:
-        experts = grouped_experts(block)
-        num_global = getattr(experts, "num_global_experts", experts.num_experts)
-        setattr(block, MARKER_ATTR, marker_class(num_global, ep_size))
-    return len(blocks)
-
-
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter inside a MoE block's `experts` (also ones a wrapper such as LoRA added there)."""
-    return [p for block in moe_blocks(model) for p in block.experts.parameters()]
-
-
-def tag_expert_parameters(model: nn.Module, ep_size: int) -> int:
-    """Mark expert parameters as DeepSpeed MoE parameters of group `ep_size_<N>` (frozen ones too: their initial
-    broadcast must stay within the expert-data-parallel group). Call again after adding parameters inside the
-    experts (LoRA), before `deepspeed.initialize`. Returns the number of tagged parameters."""
-    params = expert_parameters(model)
-    for param in params:
-        param.allreduce = False
-        param.group_name = expert_group_name(ep_size)
-    return len(params)
-
-
+# ----------------------------------------------------------------------------- optimizer groups
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in optimizer groups: decay (>= 2-D weights) / no decay (norms, biases), each split
     into its dense part and its MoE part per expert group (DeepSpeed's `moe: True` groups). Frozen parameters are
     left out, so they get no optimizer state. Empty groups are dropped."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -261,23 +167,10 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
-    groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return [g for g in groups if g["params"]]
+    return _moe_optimizer_groups(groups)
 
 
 # ----------------------------------------------------------------------------- initialisation
-@dataclass
-class ExpertParallelLayout:
-    """Where this rank sits: EP group (all-to-all), expert-data-parallel group (expert gradient reduction)."""
-
-    ep_size: int
-    ep_rank: int
-    group_name: str
-    ep_group: Any
-    expert_data_parallel_group: Any
-    expert_data_parallel_size: int
-
-
 @dataclass
 class EngineSetup:
     engine: Any  # deepspeed.DeepSpeedEngine
@@ -298,30 +191,6 @@ def check_deepspeed_version() -> str:
             "integration relies on engine internals (MoE detection, group helpers); re-run tests/distributed first"
         )
     return str(version)
-
-
-def create_expert_parallel_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> ExpertParallelLayout:
-    """Create (once per process) DeepSpeed's expert-parallel and expert-data-parallel groups for `ep_size`.
-
-    Collective over the world: every rank must call it. Topology (DeepSpeed's default, "E + D"): EP groups are
-    consecutive ranks ([0, 1], [2, 3] at EP=2), expert-data-parallel groups stride by ep_size ([0, 2], [1, 3]).
-    """
-    from deepspeed.utils import groups
-
-    check_ep_size(ep_size, ep_size, dist.get_world_size())
-    name = expert_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(
-            ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel
-        )
-    return ExpertParallelLayout(
-        ep_size=ep_size,
-        ep_rank=groups._get_expert_parallel_rank(name),
-        group_name=name,
-        ep_group=groups._get_expert_parallel_group(name),
-        expert_data_parallel_group=groups._get_expert_data_parallel_group(name),
-        expert_data_parallel_size=groups._get_expert_data_parallel_world_size(name),
-    )
 
 
 def optimizer_param_groups(engine: Any) -> list[tuple[dict[str, Any], list[nn.Parameter]]]:
@@ -359,45 +228,30 @@ def verify_moe_setup(engine: Any, model: nn.Module, layout: ExpertParallelLayout
         raise RuntimeError("DeepSpeed MoE setup check failed: " + "; ".join(problems))
 
 
-def prepare_expert_parallel(
-    model: nn.Module, ep_size: int = 1, *, use_data_before_expert_parallel: bool = False, timeout_s: float | None = None
-) -> ExpertParallelLayout:
-    """Join the process group (if needed), create the EP groups and shard the experts over them (installing the
-    all-to-all dispatcher). Collective: every rank calls it with the same full model. `initialize_engine` calls it;
-    call it yourself first when something must be added between sharding and the engine (LoRA on the experts:
-    shard, wrap, then `initialize_engine`, which tags the new expert parameters too). Idempotent."""
-    init_distributed(**({"timeout_s": timeout_s} if timeout_s else {}))
-    blocks = moe_blocks(model)
-    if blocks:
-        first = grouped_experts(blocks[0])
-        num_experts = getattr(first, "num_global_experts", first.num_experts)
-        check_ep_size(num_experts, ep_size, dist.get_world_size())
-    elif ep_size != 1:
-        raise ValueError(f"ep_size={ep_size} but the model has no MoE layers")
-    layout = create_expert_parallel_groups(ep_size, use_data_before_expert_parallel)
-    if blocks:
-        shard_experts(model, layout.ep_group, layout.ep_rank, ep_size)
-    return layout
+def _moe_optimizer_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`param_groups` with each group split into its dense part and its MoE part per expert group (DeepSpeed's
+    `moe: True` groups); empty groups dropped."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups) if g["params"]]
 
 
 def initialize_engine(
     model: nn.Module,
     ds_config: dict[str, Any] | str | Path,
-    ep_size: int = 1,
+    layout: ExpertParallelLayout,
     *,
-    activation_checkpointing: bool = False,
-    timeout_s: float | None = None,
     param_groups: list[dict[str, Any]] | None = None,
+    lr_schedule: LRSchedule | None = None,
 ) -> EngineSetup:
-    """Shard the experts over `ep_size` ranks, make DeepSpeed aware of them, and build the engine.
+    """Build the DeepSpeed engine for a model whose experts are ready for it. Changes nothing in the model.
 
-    Every rank calls this with the same (full) model -- built from the same seed, or loaded from the same
-    checkpoint -- and the same config. Steps: `prepare_expert_parallel` (process group, EP groups, sharding), tag
-    expert parameters, attach the DeepSpeed MoE markers, optionally enable activation checkpointing, build
-    MoE-aware optimizer groups from the trainable parameters, `deepspeed.initialize`, then verify DeepSpeed
-    registered the MoE setup. `param_groups` (e.g. a stage's `trainable_param_groups`, built after
-    `prepare_expert_parallel` so they name the sharded parameters) replace the default decay/no-decay split; they
-    are split into DeepSpeed's MoE groups here.
+    Before: `prepare_expert_parallel` (which returned `layout`: process groups, experts sharded), LoRA if any,
+    `tag_expert_parameters`, `install_moe_markers`, the stage's freezing, `enable_activation_checkpointing` if
+    wanted (training/deepspeed_moe.py); every rank calls this with the same config. Here: check the DeepSpeed
+    version, validate the config, split `param_groups` (default: decay / no-decay over the trainable parameters)
+    into DeepSpeed's MoE groups, `deepspeed.initialize` with the stage's `lr_schedule` (a `StageLRScheduler`; None:
+    whatever scheduler the config names, or a constant lr), then verify DeepSpeed registered the MoE setup.
     """
     import deepspeed
 
@@ -405,24 +259,25 @@ def initialize_engine(
     config = load_deepspeed_config(ds_config)
     blocks = moe_blocks(model)
     validate_deepspeed_config(config, has_moe=bool(blocks))
-    layout = prepare_expert_parallel(
-        model, ep_size, use_data_before_expert_parallel=bool(config.get("use_data_before_expert_parallelism", False)),
-        timeout_s=timeout_s,
-    )
+    if bool(config.get("use_data_before_expert_parallelism", False)) != layout.use_data_before_expert_parallel:
+        raise ValueError("DeepSpeed config use_data_before_expert_parallelism="
+                         f"{config.get('use_data_before_expert_parallelism', False)} does not match the expert-"
+                         f"parallel groups (created with use_data_before_expert_parallel="
+                         f"{layout.use_data_before_expert_parallel} by prepare_expert_parallel)")
+    if lr_schedule is not None and "scheduler" in config:
+        raise ValueError(f"DeepSpeed config has a scheduler ({config['scheduler'].get('type')!r}) and an lr_schedule "
+                         "was given: drop one of them")
     if blocks:
-        tag_expert_parameters(model, ep_size)
-        install_moe_markers(model, ep_size)
-    if activation_checkpointing:
-        enable_activation_checkpointing(model)
+        check_ready_for_engine(model, layout)
 
     if param_groups is None:
         weight_decay = float(config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
         param_groups = build_param_groups(model, weight_decay)
     else:
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-        param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups) if g["params"]]
-    engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, model_parameters=param_groups, config=config)
+        param_groups = _moe_optimizer_groups(param_groups)
+    scheduler_factory = None if lr_schedule is None else functools.partial(StageLRScheduler, schedule=lr_schedule)
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups, config=config, lr_scheduler=scheduler_factory)
     if blocks:
         verify_moe_setup(engine, model, layout)
         if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and engine.gradient_clipping() > 0:
@@ -529,9 +384,8 @@ def guarded_backward_step(engine: Any, loss: torch.Tensor) -> str:
 
 
 __all__ = [
-    "ACCUMULATED", "DROPPED", "MARKER_ATTR", "SKIPPED", "STEPPED", "SUPPORTED_ZERO_STAGES", "EngineSetup", "ExpertParallelLayout", "all_ranks_finite",
-    "build_deepspeed_config", "build_param_groups", "check_deepspeed_version", "create_expert_parallel_groups",
-    "enable_activation_checkpointing", "expert_group_name", "expert_parameters", "guarded_backward_step",
-    "initialize_engine", "install_moe_markers", "load_deepspeed_config", "optimizer_param_groups",
-    "prepare_expert_parallel", "tag_expert_parameters", "validate_deepspeed_config", "verify_moe_setup",
+    "ACCUMULATED", "DROPPED", "SKIPPED", "STEPPED", "SUPPORTED_ZERO_STAGES", "EngineSetup", "all_ranks_finite",
+    "build_deepspeed_config", "build_param_groups", "check_deepspeed_version", "enable_activation_checkpointing",
+    "guarded_backward_step", "initialize_engine", "load_deepspeed_config", "optimizer_param_groups",
+    "validate_deepspeed_config", "verify_moe_setup",
 ]

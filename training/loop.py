@@ -38,7 +38,8 @@ from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scal
 from .parallelize import Parallelized
 from .recipe import TrainSection
 from .resume_config import check_resume_config
-from .stages import StageSpec, unwrap_model
+from .lora import unwrap_model
+from .stage_spec import StageSpec
 from .training_state import TrainingState
 
 log = logging.getLogger(__name__)

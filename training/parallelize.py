@@ -5,14 +5,15 @@
     2. stage model         the stage's MoE overrides and LoRA (PEFT) -- adapters land on the LOCAL experts, so this
                            comes after sharding; LoRA replaces parameters, so it comes before any hook or tag
     3. freeze plan         what the stage does not train: requires_grad off, row masks on partly frozen fused
-                           experts (training/stages.py); a stage that trains no expert keeps them row-masked in
+                           experts (training/freeze.py); a stage that trains no expert keeps them row-masked in
                            a MoE group, because DeepSpeed's ZeRO-1/2 and bf16 optimizers assert one exists
     4. tag MoE params      every parameter inside the experts (LoRA factors included) `allreduce=False` with its
                            expert group's name: reduced over the expert-data-parallel group, not the world
-    5. DeepSpeed markers   a parameter-less `deepspeed.moe.layer.MoE` child per MoE block (DeepSpeed's MoE switch)
+    5. DeepSpeed markers   a parameter-less `deepspeed.moe.layer.MoE` child per MoE block (DeepSpeed's MoE switch; training/deepspeed_moe.py)
     6. activation ckpt     non-reentrant recomputation per decoder layer
     7. engine              optimizer groups (decay / no decay / routers / masked experts, split into MoE groups),
-                           `deepspeed.initialize`, the MoE setup verified (training/engine.py)
+                           `deepspeed.initialize` with the stage's LR schedule (training/lr_schedule.py), the MoE
+                           setup verified (training/engine.py)
 
 Steps 4-5 need the final parameters (after 2-3), step 7 the final modules. Nothing distributed happens anywhere else:
 the loop (training/loop.py) takes the returned `Parallelized` as it is.
@@ -25,16 +26,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .engine import (
-    EngineSetup, build_deepspeed_config, enable_activation_checkpointing, expert_parameters, initialize_engine,
-    install_moe_markers, prepare_expert_parallel, tag_expert_parameters,
-)
+from .deepspeed_moe import expert_parameters, install_moe_markers, prepare_expert_parallel, tag_expert_parameters
+from .engine import EngineSetup, build_deepspeed_config, enable_activation_checkpointing, initialize_engine
 from .expert_parallel import moe_blocks
-from .recipe import ParallelSection, TrainSection
-from .stages import (
-    FreezePlan, MaskedExperts, StageSpec, _grouped_experts, apply_stage, local_global_ids, prepare_model_for_stage,
+from .freeze import (
+    FreezePlan, MaskedExperts, _grouped_experts, apply_stage, local_global_ids, prepare_model_for_stage,
     trainable_param_groups,
 )
+from .lr_schedule import LRSchedule
+from .recipe import ParallelSection, TrainSection
+from .stage_spec import StageSpec
 
 
 @dataclass
@@ -53,9 +54,10 @@ def parallelize(model: nn.Module, stage: StageSpec, parallel: ParallelSection, t
     ds_config = build_deepspeed_config(
         micro_batch_size=micro_batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
         zero_stage=parallel.zero_stage, precision=parallel.precision, gradient_clipping=opt.grad_clip,
-        lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, schedule=opt.schedule,
-        warmup_steps=opt.warmup_steps, total_steps=stage.steps, min_lr_ratio=opt.min_lr_ratio,
+        lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
     )
+    schedule = LRSchedule(schedule=opt.schedule, warmup_steps=opt.warmup_steps, total_steps=stage.steps,
+                          min_lr_ratio=opt.min_lr_ratio)
     layout = prepare_expert_parallel(model, parallel.ep_size, timeout_s=train.timeout_s)  # 1
     model = prepare_model_for_stage(model, stage)  # 2
     plan = apply_stage(model, stage)  # 3
@@ -70,14 +72,14 @@ def parallelize(model: nn.Module, stage: StageSpec, parallel: ParallelSection, t
     if train.activation_checkpointing:
         enable_activation_checkpointing(model)  # 6
     groups = trainable_param_groups(model, plan, opt.lr, opt.weight_decay, opt.router_lr_scale)
-    setup = initialize_engine(model, ds_config, layout, param_groups=groups)  # 7
+    setup = initialize_engine(model, ds_config, layout, param_groups=groups, lr_schedule=schedule)  # 7
     return Parallelized(setup=setup, model=model, plan=plan)
 
 
 def keep_frozen_experts_in_a_moe_group(model: nn.Module, plan: FreezePlan) -> None:
     """DeepSpeed's ZeRO-1/2 and bf16 optimizers assert that an MoE model has at least one MoE parameter group, so a
     stage that trains no routed expert (alignment) cannot simply freeze them. Instead the expert tensors stay in the
-    optimizer as fully row-masked tensors (training/stages.py's mechanism): a hook zeroes every row of their gradient
+    optimizer as fully row-masked tensors (training/freeze.py's mechanism): a hook zeroes every row of their gradient
     and their group has weight decay 0, so with a fresh AdamW their update is exactly 0 and they stay bitwise
     unchanged (at the cost of their optimizer state)."""
     names = {id(p): n for n, p in model.named_parameters()}

@@ -25,12 +25,13 @@ from typing import Any, Callable
 from .build import build_loader, build_model, check_local_world_size, compute_dtype, load_tokenizer, plan_model
 from .distributed import barrier, get_rank, init_distributed, seed_everything, set_cpu_threads_per_rank, teardown
 from .loop import model_loss, train_stage
+from .lora import unwrap_model
 from .parallelize import parallelize
 from .recipe import Recipe
 from .run_folder import hold_output_folder, save_run_recipe
 from .run_lock import RunLock
 from .stage_export import export_dense_llm, export_moe_model
-from .stages import StageSpec, unwrap_model
+from .stage_spec import StageSpec
 
 DONE_FILE = "DONE.json"
 MODEL_DIR = "model"

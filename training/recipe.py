@@ -17,7 +17,7 @@
     train:     gradient_accumulation_steps, save_every, keep_last, log_every,
                activation_checkpointing, stop_after_steps, ... (see `TrainSection`)
     eval:      held-out evaluation after every stage (`EvalSection`)
-    stages:    a list parsed by `training.stages.parse_stages` (each stage's `data:` weights name `data.sources`;
+    stages:    a list parsed by `training.stage_spec.parse_stages` (each stage's `data:` weights name `data.sources`;
                its `optimizer:` holds the LR schedule and `grad_clip`, the one clipping key)
 
 `model.config`, `model.upcycle` and `model.dense` are checked against OmniMoeConfig's fields (and upcycle's own
@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .stages import StageConfigError, StageSpec, parse_stages
+from .stage_spec import StageConfigError, StageSpec, parse_stages
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SECTIONS = ("run", "model", "data", "parallel", "train", "eval", "stages")

@@ -47,6 +47,7 @@ def _job(rank: int, args: argparse.Namespace, ep_size: int, port: int, out_path:
 
     from modeling.modeling_omni import OmniMoeForCausalLM
     from training.distributed import init_distributed, teardown
+    from training.deepspeed_moe import install_moe_markers, prepare_expert_parallel, tag_expert_parameters
     from training.engine import build_deepspeed_config, initialize_engine
 
     torch.set_num_threads(1)
@@ -54,10 +55,11 @@ def _job(rank: int, args: argparse.Namespace, ep_size: int, port: int, out_path:
     config = _bench_config(args)
     torch.manual_seed(0)
     model = OmniMoeForCausalLM(config)
-    ds_config = build_deepspeed_config(
-        micro_batch_size=args.micro, zero_stage=args.zero, lr=1e-4, warmup_steps=1, total_steps=1000
-    )
-    engine = initialize_engine(model, ds_config, ep_size=ep_size).engine
+    ds_config = build_deepspeed_config(micro_batch_size=args.micro, zero_stage=args.zero, lr=1e-4, gradient_clipping=1.0)
+    layout = prepare_expert_parallel(model, ep_size, timeout_s=120)
+    tag_expert_parameters(model, ep_size)
+    install_moe_markers(model, ep_size)
+    engine = initialize_engine(model, ds_config, layout).engine  # constant lr: the schedule does not change step time
     gen = torch.Generator().manual_seed(rank)
     times = []
     for step in range(args.warmup + args.steps):

@@ -56,8 +56,14 @@ def _config(zero_stage: int, gas: int, precision: str = "fp32", micro: int = MIC
 
     return build_deepspeed_config(
         micro_batch_size=micro, gradient_accumulation_steps=gas, zero_stage=zero_stage, precision=precision,
-        gradient_clipping=1.0, lr=2e-3, warmup_steps=2, total_steps=STEPS, min_lr_ratio=0.1,
+        gradient_clipping=1.0, lr=2e-3,
     )
+
+
+def _schedule(steps: int = STEPS):
+    from training.lr_schedule import LRSchedule
+
+    return LRSchedule("cosine", warmup_steps=2, total_steps=steps, min_lr_ratio=0.1)
 
 
 def _full_state(setup) -> dict[str, torch.Tensor]:
@@ -75,13 +81,13 @@ def _train(rank: int, world: int, ep_size: int, zero_stage: int, steps: int = ST
     """`steps` optimizer steps on the global batches; each rank runs micro-batches `micro * world + rank`."""
     import torch.distributed as dist
 
-    from training.engine import initialize_engine
+    from tests.distributed.engine_setup import engine_for
     from training.expert_parallel import is_expert_key
 
     gas = GLOBAL_BATCH // micro // world
     model = _model(**(model_overrides or {}))
-    setup = initialize_engine(model, _config(zero_stage, gas, precision, micro), ep_size=ep_size,
-                              activation_checkpointing=checkpointing)
+    setup = engine_for(model, _config(zero_stage, gas, precision, micro), ep_size, lr_schedule=_schedule(steps),
+                       activation_checkpointing=checkpointing, timeout_s=PG_TIMEOUT_S)
     engine = setup.engine
     losses, grad_norms = [], []
     for step in range(steps):
@@ -217,18 +223,17 @@ def worker_dp2_ep1(rank: int, world: int, args: dict) -> dict:
 
 def worker_nan_guard(rank: int, world: int, args: dict) -> dict:
     """EP=2, ZeRO-0 fp32, some parameters frozen: NaN loss on rank 1 at step 2, an inf gradient (finite loss) on
-    rank 1 at step 3. DeepSpeed's WarmupCosineLR runs step 0 at lr 0 (its first iteration is -1), so parameters
-    first move at step 1."""
-    from training.engine import build_deepspeed_config, guarded_backward_step, initialize_engine, optimizer_param_groups
+    rank 1 at step 3 (constant lr: no schedule)."""
+    from tests.distributed.engine_setup import engine_for
+    from training.engine import build_deepspeed_config, guarded_backward_step, optimizer_param_groups
 
     model = _model()
     frozen = [model.model.embed_tokens.weight, model.model.layers[1].mlp.experts.down_proj]
     for param in frozen:
         param.requires_grad_(False)
     frozen_before = [p.detach().clone() for p in frozen]
-    config = build_deepspeed_config(micro_batch_size=MICRO_BATCH, zero_stage=0, lr=2e-3, warmup_steps=0,
-                                    total_steps=STEPS)
-    engine = initialize_engine(model, config, ep_size=2).engine
+    config = build_deepspeed_config(micro_batch_size=MICRO_BATCH, zero_stage=0, lr=2e-3, gradient_clipping=1.0)
+    engine = engine_for(model, config, 2, timeout_s=PG_TIMEOUT_S).engine
     optimizer_param_ids = {id(p) for _, params in optimizer_param_groups(engine) for p in params}
     stepped, changed = [], []
     for step in range(5):
@@ -272,7 +277,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(spawn):
     results = spawn(f"{TARGET}:worker_nan_guard", 2, {}, timeout_s=180, pg_timeout_s=PG_TIMEOUT_S, init="deepspeed")
     for rank, r in enumerate(results):
         assert r["stepped"] == ["stepped", "stepped", "dropped", "skipped", "stepped"], (rank, r["stepped"])
-        assert r["changed"][1:] == [True, False, False, True], (rank, r["changed"])
+        assert r["changed"] == [True, True, False, False, True], (rank, r["changed"])  # step 0 trains too
         assert r["global_steps"] == 3 and r["finite_after"]
         assert r["frozen_unchanged"] and not r["frozen_in_optimizer"]
 
@@ -282,17 +287,21 @@ def test_build_deepspeed_config_settings():
     from training.engine import build_deepspeed_config
 
     config = build_deepspeed_config(micro_batch_size=2, gradient_accumulation_steps=4, zero_stage=2, precision="bf16",
-                                    warmup_steps=10, total_steps=100)
+                                    gradient_clipping=0.5)
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
     assert config["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True,
                                            "overlap_comm": torch.cuda.is_available()}
     assert config["optimizer"]["params"]["torch_adam"] is True
     assert config["bf16"]["enabled"] and config["data_types"]["grad_accum_dtype"] == "fp32"
-    assert config["scheduler"]["type"] == "WarmupCosineLR"
-    assert config["scheduler"]["params"]["warmup_num_steps"] == 10
-    assert "bf16" not in build_deepspeed_config(micro_batch_size=1, zero_stage=0)
+    assert "scheduler" not in config  # initialize_engine builds the stage's own (training/lr_schedule.py)
+    assert config["gradient_clipping"] == 0.5
+    assert build_deepspeed_config(micro_batch_size=1, gradient_clipping=None)["gradient_clipping"] == 0.0  # off
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="gradient_clipping must be a positive number or None"):
+            build_deepspeed_config(micro_batch_size=1, gradient_clipping=bad)
+    assert "bf16" not in build_deepspeed_config(micro_batch_size=1, zero_stage=0, gradient_clipping=1.0)
     with pytest.raises(ValueError, match="ZeRO-3 is not supported"):
-        build_deepspeed_config(micro_batch_size=1, zero_stage=3)
+        build_deepspeed_config(micro_batch_size=1, zero_stage=3, gradient_clipping=1.0)
 
 
 def test_user_config_validation(tmp_path):
@@ -319,11 +328,15 @@ def test_user_config_validation(tmp_path):
 
 
 def test_initialize_engine_refuses_zero3_before_touching_the_model():
+    """The config is checked first: no process group, sharding or engine is needed to get the error."""
+    from training.deepspeed_moe import ExpertParallelLayout
     from training.engine import initialize_engine
 
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = ExpertParallelLayout(ep_size=2, ep_rank=0, group_name="ep_size_2", ep_group=None,
+                                  expert_data_parallel_group=None, expert_data_parallel_size=1)
     with pytest.raises(ValueError, match="ZeRO-3 is not supported for MoE models"):
-        initialize_engine(model, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}, ep_size=2)
+        initialize_engine(model, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}, layout)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -206,6 +206,31 @@ def worker_fail_on_rank1(rank: int, world: int, args: dict) -> dict:
     return {}
 
 
+EXPERT_GROUP_TIMEOUT_S, WORLD_TIMEOUT_S = 3.0, 60.0
+
+
+def worker_expert_group_timeouts(rank: int, world: int, args: dict) -> dict:
+    """Rank 0 issues a collective on an expert group that rank 1 skips (rank 1 waits in a world barrier): it must
+    fail after the expert groups' own timeout, not the world group's nor torch's default. World 2: at EP=2 the EP
+    group holds both ranks, at EP=1 the expert-data-parallel group does."""
+    from training.deepspeed_moe import create_expert_parallel_groups
+
+    out = {}
+    for ep_size, attr in ((2, "ep_group"), (1, "expert_data_parallel_group")):
+        group = getattr(create_expert_parallel_groups(ep_size, timeout_s=EXPERT_GROUP_TIMEOUT_S), attr)
+        result = {"size": dist.get_world_size(group=group), "elapsed": None, "error": None}
+        if rank == 0:
+            start = time.monotonic()
+            try:
+                dist.all_reduce(torch.ones(1), group=group)
+            except RuntimeError as err:
+                result["error"] = str(err)
+            result["elapsed"] = time.monotonic() - start
+        dist.barrier()
+        out[attr] = result
+    return out
+
+
 # ----------------------------------------------------------------------------- one launch, every case
 def worker_all_cases(rank: int, world: int, args: dict) -> dict:
     """All EP cases in one 2-process launch (process start-up dominates the cost of each case)."""
@@ -267,6 +292,28 @@ def test_sharded_model_with_forced_uneven_routing_matches_single_process(ep_resu
     assert results[1]["loads"].argmax(dim=1).tolist() == [2, 2]  # image: first intra expert
     # experts 0 and 2 both live on EP rank 0: rank 1's experts receive zero rows from every rank, yet run
     assert results[0]["expert_grad_norm"] > 0 and results[1]["expert_grad_norm"] == 0.0
+
+
+def test_expert_groups_time_out_after_their_own_timeout(spawn):
+    """The expert-parallel and expert-data-parallel groups honour the run's timeout (torch would give a new group its
+    default, 30 min for gloo and 10 min for NCCL, whatever the world group's timeout)."""
+    results = spawn("tests.distributed.test_expert_parallel:worker_expert_group_timeouts", 2, {}, timeout_s=300,
+                    pg_timeout_s=WORLD_TIMEOUT_S, init="deepspeed")
+    for attr, result in results[0].items():
+        assert result["size"] == 2, attr
+        assert result["error"] is not None and "timed out" in result["error"].lower(), (attr, result)
+        assert 0.9 * EXPERT_GROUP_TIMEOUT_S <= result["elapsed"] < EXPERT_GROUP_TIMEOUT_S + 12, (attr, result)
+
+
+def test_expert_parallel_topology_is_deepspeeds():
+    from training.deepspeed_moe import expert_parallel_ranks
+
+    assert expert_parallel_ranks(8, 2) == ([[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]])
+    assert expert_parallel_ranks(8, 2, use_data_before_expert_parallel=True) == (
+        [[0, 4], [1, 5], [2, 6], [3, 7]], [[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert expert_parallel_ranks(2, 1) == ([[0], [1]], [[0, 1]])
+    with pytest.raises(ValueError, match="world size \\(6\\)"):
+        expert_parallel_ranks(6, 4)
 
 
 def test_placement_round_robin_spreads_every_pool():

@@ -47,13 +47,14 @@ def _model(seed: int):
 
 
 def _setup(model, stage: int, precision: str, ep_size: int, world: int):
-    from training.engine import build_deepspeed_config, initialize_engine
+    from tests.distributed.engine_setup import engine_for
+    from training.engine import build_deepspeed_config
+    from training.lr_schedule import LRSchedule
 
     config = build_deepspeed_config(
-        micro_batch_size=GLOBAL_BATCH // world, zero_stage=stage, precision=precision, gradient_clipping=1.0,
-        lr=2e-3, warmup_steps=2, total_steps=TOTAL, min_lr_ratio=0.1,
+        micro_batch_size=GLOBAL_BATCH // world, zero_stage=stage, precision=precision, gradient_clipping=1.0, lr=2e-3,
     )
-    return initialize_engine(model, config, ep_size=ep_size)
+    return engine_for(model, config, ep_size, lr_schedule=LRSchedule("cosine", 2, TOTAL, 0.1), timeout_s=PG_TIMEOUT_S)
 
 
 def _batch(step: int, rank: int, world: int, draw: bool = True) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ def train_set_loss(model_dir: Path, synth: Path, moe: dict | None = None) -> flo
     from data.collate import OmniCollator
     from data.reader import ShardDataset
     from omni.loading import load_model_and_processor
-    from training.stages import apply_moe_overrides
+    from training.freeze import apply_moe_overrides
 
     model, processor = load_model_and_processor(model_dir)
     if moe:

@@ -18,7 +18,8 @@ from training.lora import (
     save_adapter,
     unwrap_model,
 )
-from training.stages import StageSpec, apply_stage, prepare_model_for_stage, trainable_param_groups
+from training.freeze import apply_stage, prepare_model_for_stage, trainable_param_groups
+from training.stage_spec import StageSpec
 
 # peft itself calls a transformers API that transformers 5 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -7,14 +7,8 @@ from torch import nn
 from modeling.media import audio_chunk_count, audio_token_count, image_token_count
 from modeling.modeling_omni import OmniMoeForCausalLM
 from tests.tiny import AUDIO_ID, IMAGE_ID, right_padded, tiny_config
-from training.stages import (
-    StageConfigError,
-    StageSpec,
-    apply_moe_overrides,
-    apply_stage,
-    parse_stages,
-    trainable_param_groups,
-)
+from training.freeze import apply_moe_overrides, apply_stage, trainable_param_groups
+from training.stage_spec import StageConfigError, StageSpec, parse_stages
 
 
 def media_batch(config, audio=True, seed=0):
@@ -74,7 +68,12 @@ def stage(**kw):
         ({"name": "s", "steps": 1, "train": ["routers"], "optimizer": {"lr": -1}}, "optimizer.lr"),
         ({"name": "s", "steps": 1, "train": ["routers"], "optimizer": {"learning_rate": 1e-3}}, "optimizer.learning_rate"),
         ({"name": "s", "steps": 1, "train": ["attn"]}, "attn"),
-        ({"name": "s", "steps": 1, "epochs": 2, "train": ["routers"]}, "steps or epochs"),
+        ({"name": "s", "steps": 1, "epochs": 2, "train": ["routers"]}, "unknown key epochs"),
+        ({"name": "s", "train": ["routers"]}, "steps must be a positive integer .*required.*got None"),
+        ({"name": "s", "steps": 0, "train": ["routers"]}, "steps must be a positive integer .*got 0"),
+        ({"name": "s", "steps": 2, "train": ["routers"], "optimizer": {"warmup_steps": -1}}, "optimizer.warmup_steps"),
+        ({"name": "s", "steps": 2, "train": ["routers"], "optimizer": {"schedule": "step"}}, "optimizer.schedule"),
+        ({"name": "s", "steps": 2, "train": ["routers"], "optimizer": {"grad_clip": 0}}, "optimizer.grad_clip"),
         ({"name": "s", "steps": 1, "train": ["routers"], "moe": {"top_k": 1}}, "moe.top_k"),
         ({"name": "s", "steps": 1, "train": ["routers"], "moe": {"moe_top_p": 1.5}}, "moe.moe_top_p"),
         ({"name": "s", "steps": 1, "train": ["lora"], "lora": {"r": 0}}, "lora.r"),
@@ -95,12 +94,14 @@ def test_spec_from_dict_with_presets():
     stages = parse_stages([
         {"name": "align", "preset": {"name": "alignment", "encoders_pretrained": False}, "steps": 10,
          "data": [{"source": "caps", "weight": 2.0}], "optimizer": {"lr": 1e-3, "betas": [0.9, 0.95]}},
-        {"name": "lora", "preset": "mixed_lora", "lora": {"r": 4}, "epochs": 1, "moe": {"use_inter_pool": False}},
+        {"name": "lora", "preset": "mixed_lora", "lora": {"r": 4}, "steps": 1, "moe": {"use_inter_pool": False},
+         "optimizer": {"grad_clip": None, "schedule": "linear"}},
     ])
     align, lora = stages
     assert set(align.train) == {"image_projector", "audio_projector", "vision_encoder", "audio_encoder"}
     assert align.optimizer.lr == 1e-3 and align.optimizer.betas == (0.9, 0.95) and align.data[0]["weight"] == 2.0
-    assert lora.lora.r == 4 and "experts" in lora.lora.targets and "lora" in lora.train and lora.epochs == 1
+    assert lora.lora.r == 4 and "experts" in lora.lora.targets and "lora" in lora.train and lora.steps == 1
+    assert lora.optimizer.grad_clip is None and lora.optimizer.schedule == "linear"  # null: clipping off
     with pytest.raises(StageConfigError, match="duplicate"):
         parse_stages([{"name": "a", "steps": 1, "train": ["routers"]}] * 2)
 
