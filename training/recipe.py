@@ -241,8 +241,6 @@ def _check_values(recipe: Recipe, fail) -> None:
             if entry["source"] not in recipe.data.sources:
                 fail(f"stages.{i}.data.{j}.source: {entry['source']!r} is not one of data.sources "
                      f"{sorted(recipe.data.sources)}")
-        if stage.steps is None:
-            fail(f"stages.{i}.steps: omni train counts stages in optimizer steps; give steps (not epochs)")
 
 
 # keys of earlier versions, with what replaced them (a clearer error than "unknown key")

@@ -231,6 +231,9 @@ class StageSpec:
         for i, entry in enumerate(data):
             if not isinstance(entry, Mapping) or not isinstance(entry.get("source"), str) or not entry["source"]:
                 fail(f"data[{i}]: each entry needs a 'source' string, got {entry!r}")
+            unknown = sorted(set(entry) - {"source", "weight"})
+            if unknown:
+                fail(f"unknown key data[{i}].{unknown[0]}; a data entry has 'source' and 'weight'")
             weight = entry.get("weight", 1.0)
             if not (_number(weight) and weight > 0):
                 fail(f"data[{i}].weight must be a positive number, got {weight!r}")

@@ -96,7 +96,9 @@ def worker_optimizer_keys(rank: int, world: int, args: dict) -> dict:
     results = {}
     for name, grad_clip in (("clipped", "0.5"), ("unclipped", "null")):
         recipe = _recipe(args, Path(args["root"]) / name, "train.tensorboard=false", (
-            f"stages=[{{name: {name}, preset: modality_experts, steps: 1, optimizer: {{lr: 2.0e-3, betas: [0.8, 0.9], "
+            # + attention: a dense 2-D weight, so the stage has a weight-decay group to read weight_decay from
+            f"stages=[{{name: {name}, train: [intra_experts, routers, attention], steps: 1, "
+            f"optimizer: {{lr: 2.0e-3, betas: [0.8, 0.9], "
             f"eps: 1.0e-6, weight_decay: 0.03, grad_clip: {grad_clip}, router_lr_scale: 3.0, warmup_steps: 0, "
             "schedule: constant}}]"))
         result = train_built_stage(recipe, 0, build_stage(recipe, 0))
@@ -190,6 +192,7 @@ def test_lr_schedule_keys_shape_train_lr(spawn, tmp_path):
         assert curves[name][-1] == pytest.approx(floor), (name, curves[name])
         decay = curves[name][curves[name].index(max(curves[name])):]
         assert all(a >= b for a, b in zip(decay, decay[1:])), (name, decay)
-    # schedule: cosine stays above the straight line between the same end points
-    assert all(c >= l - 1e-12 for c, l in zip(curves["cosine"], curves["linear"]))
-    assert any(c > l * 1.01 for c, l in zip(curves["cosine"], curves["linear"])), curves
+    # schedule: between the same end points, cosine is above the straight line early in the decay, below it late
+    cosine, linear = (curves[n][curves[n].index(max(curves[n])):] for n in ("cosine", "linear"))
+    assert cosine[1] > linear[1] * 1.01, curves
+    assert any(c < l * 0.99 for c, l in zip(cosine, linear)), curves

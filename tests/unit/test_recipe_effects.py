@@ -157,10 +157,8 @@ def test_model_dense_and_upcycle_plan_the_stage_models():
 
 
 def _stage_eval():
-    try:
-        from training.stage_eval import evaluate_stage
-    except ModuleNotFoundError:  # before evaluation moved into training/
-        from omni.stage_eval import evaluate_stage
+    from training.stage_eval import evaluate_stage
+
     return evaluate_stage
 
 
