@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from modeling.media import audio_token_count, image_token_count, video_token_count
-from modeling.processing_omni import IGNORE_INDEX
+from omni_moe.modeling.media import audio_token_count, image_token_count, video_token_count
+from omni_moe.modeling.processing_omni import IGNORE_INDEX
 
 from .quality import TOO_LONG, SampleRejected
 from .schema import MEDIA_KINDS, strip_media, to_processor_messages
@@ -100,7 +100,7 @@ class OmniCollator:
     `max_length`: the longest sample (padded) or packed row allowed; `pad_to_multiple_of`: round the
     sequence dimension up (fewer distinct shapes for kernels and compilers); `strip_media`: learn from the text
     alone (media dropped, each marker replaced by the sample's `meta.media_text` description when it has one:
-    `data.schema.strip_media`), e.g. for a text-only LLM.
+    `omni_moe.data.schema.strip_media`), e.g. for a text-only LLM.
     """
 
     def __init__(self, processor, max_length: int | None = None, pad_to_multiple_of: int | None = None,
@@ -121,7 +121,7 @@ class OmniCollator:
     def sequence_length(self, sample: dict) -> int:
         """The exact number of tokens the processor makes of `sample`, without processing any media.
 
-        Media token counts come from `modeling.media`'s counting functions (the ones the processor and the
+        Media token counts come from `omni_moe.modeling.media`'s counting functions (the ones the processor and the
         model share). The text is laid out by the processor's own `_layout` and, as the processor does,
         adjacent text pieces are tokenized as one run (BPE merges across pieces must match), special
         strings split. About 0.1 ms a sample against ~1 ms for a processor call (`omni.benchmarks.data`);

@@ -1,4 +1,4 @@
-"""Importers: LLaVA/Uni-MoE JSON and plain JSONL manifests -> canonical samples (see `data.schema`).
+"""Importers: LLaVA/Uni-MoE JSON and plain JSONL manifests -> canonical samples (see `omni_moe.data.schema`).
 
 LLaVA / Uni-MoE records look like
 `{"id": ..., "image": "a.jpg" | [...], "video": "clip.mp4" | ["f0.jpg", ...], "audio"/"voice": "a.wav" | [...],

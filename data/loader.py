@@ -9,7 +9,7 @@ worker skips its offset before decoding. The batches after `load_state_dict` are
 the uninterrupted run would have produced, for any `num_workers` (it must not change across
 the resume). Workers are created per epoch (no persistent workers) so they see the new plan.
 
-Batches are formed by a batching strategy (`data.batching`: fixed size, modality-grouped, token
+Batches are formed by a batching strategy (`omni_moe.data.batching`: fixed size, modality-grouped, token
 budget, packed rows). A strategy with a look-ahead buffer also reports the raw positions still
 buffered when a batch leaves; they are part of the position, re-read on resume, so the buffer
 is rebuilt exactly.
@@ -66,7 +66,7 @@ class ResumableLoader:
 
     `collate_fn(list_of_transformed_samples) -> batch` runs in the workers (a packed strategy hands it
     a list of rows, each a list of samples). Give `batch_size` (fixed-size batches) or `batching`
-    (a `data.batching` strategy). `max_batches_per_epoch` gives a fixed-length epoch (e.g. the
+    (a `omni_moe.data.batching` strategy). `max_batches_per_epoch` gives a fixed-length epoch (e.g. the
     smallest rank's batch count, so ranks stay in step).
     """
 

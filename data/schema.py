@@ -16,10 +16,10 @@ Optional `meta` fields the pipeline reads: `modality` (one of MODALITIES; inferr
 absent), `task` (eval groups results by it), `media_text` (`strip_media`), and `metric` -- how evaluation should
 judge the answer, one of ANSWER_METRICS: "exact_match" and "token_f1" are reported for every sample anyway, and a
 sample with "wer" (a transcription: the answer is a word sequence where each word counts) adds word error rate to
-the eval groups it belongs to (`training.scoring`).
+the eval groups it belongs to (`omni_moe.training.scoring`).
 
 `validate_sample` raises `SampleRejected(reason, detail)` naming the offending field; the reasons
-are the counters of `data.quality`. Inside a shard the media paths are member names; the rules
+are the counters of `omni_moe.data.quality`. Inside a shard the media paths are member names; the rules
 are the same.
 """
 

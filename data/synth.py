@@ -8,7 +8,7 @@
     out_dir/audio/<split>/<index>.wav               16 kHz mono 16-bit DTMF-like digit tones (< 1 s)
 
 Media paths in the manifests are relative to `out_dir` (the media root for the shard writer,
-`data.shards.build_shards(manifest, media_root=out_dir, ...)`, which this module does not call).
+`omni_moe.data.shards.build_shards(manifest, media_root=out_dir, ...)`, which this module does not call).
 
 Sizes: `num` is the number of TRAIN samples in total; every other split gets `eval_num`
 (default `num // 10`); a mapping `splits={"train": n, ...}` sets each count directly. Tasks are
@@ -25,10 +25,10 @@ Design choices that keep it learnable, calibrated with a plain 1.9 M-parameter d
 tasks (every task reached >= 0.90 held-out exact match within ~920 steps of 64 samples): a 32 px canvas, shapes
 ~0.34-0.41 of the canvas inside one quadrant (shape is the hardest task; enlarging the shapes 1.25x made it easy),
 six well-separated hues, DTMF-like tone pairs spread far apart on the mel scale, clips within one 1 s
-Whisper chunk, short exact answers. Rendering the media is `data.synth_media`.
+Whisper chunk, short exact answers. Rendering the media is `omni_moe.data.synth_media`.
 
-Evaluation: `audio_transcribe` samples carry `meta.metric = "wer"` (`data.schema`), so eval reports their word
-error rate next to exact match and token F1 (`training.scoring`).
+Evaluation: `audio_transcribe` samples carry `meta.metric = "wer"` (`omni_moe.data.schema`), so eval reports their word
+error rate next to exact match and token F1 (`omni_moe.training.scoring`).
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def to_sample(plan: PlannedSample, split: str, media: Mapping[str, Any]) -> dict
 
 
 def describe_media(modality: str, attributes: Mapping[str, Any]) -> str:
-    """What a sample's medium shows, in words (`meta.media_text`; `data.schema.strip_media` puts it in the marker's
+    """What a sample's medium shows, in words (`meta.media_text`; `omni_moe.data.schema.strip_media` puts it in the marker's
     place for text-only training)."""
     if modality == "image":
         return f"a {attributes['colour']} {attributes['shape']} at the {attributes['position']}"
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry (`python -m data.synth OUT`); the `omni` CLI can delegate `omni data synth` here."""
+    """CLI entry (`python -m omni_moe.data.synth OUT`); the `omni` CLI can delegate `omni data synth` here."""
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     manifests = generate(args.out, seed=args.seed, num=args.num, eval_num=args.eval_num,

@@ -1,7 +1,7 @@
-"""Rendering the synthetic dataset's media (`data.synth`): what a planned sample's `render` parameters look like as
+"""Rendering the synthetic dataset's media (`omni_moe.data.synth`): what a planned sample's `render` parameters look like as
 files -- a shape on a 32 px canvas, a moving shape's video frames, DTMF-like digit tones.
 
-Every function here is a pure function of its `render` mapping (drawn by `data.synth.plan_sample`), so the same plan
+Every function here is a pure function of its `render` mapping (drawn by `omni_moe.data.synth.plan_sample`), so the same plan
 gives byte-identical files: no antialiasing, PNGs with fixed parameters and no time chunk, WAVs without timestamps.
 """
 

@@ -1,5 +1,5 @@
 """The synthetic dataset made whole: media and manifests (data/synth.py), then webdataset shards of every split,
-optionally one shard folder per task. `omni data synth` and the training pipeline's `data.synth` both call
+optionally one shard folder per task. `omni data synth` and the training pipeline's `omni_moe.data.synth` both call
 `make_synth_dataset`."""
 
 from __future__ import annotations

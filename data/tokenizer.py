@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from modeling.tokenizer_utils import (
+from omni_moe.modeling.tokenizer_utils import (
     AUDIO_TOKEN,
     CHAT_TEMPLATE,
     IM_END,

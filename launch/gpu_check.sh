@@ -7,8 +7,9 @@
 #   bash launch/gpu_check.sh --cpu OUT      # the CPU-safe parts (CI): (a) with its CUDA tests skipped and counted,
 #                                           # (c) + (d) at the tiny preset on the CPU in fp32; (b) not run
 #
-# PYTHON (default .venv/bin/python, else python3) must hold the project's dependencies; on a bare GPU image carry
-# them as wheels: `bash launch/gpu_wheels.sh .whl` here, then on the GPU machine
+# PYTHON (default .venv/bin/python, else python3) must hold the project's dependencies and the project's own
+# omni_moe.{data,training,modeling} (installed: they do not import from the tree); on a bare GPU image carry both as
+# wheels: `bash launch/gpu_wheels.sh .whl` here, then on the GPU machine
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site \
 #     PYTHON=python3 bash launch/gpu_check.sh OUT Each part runs under its own time limit (PART_TIMEOUT_S,
 # default 540 s; the tiny-omni run TINY_TIMEOUT_S, default 900 s) and the script goes on after a failure: OUT/summary.md

@@ -22,4 +22,7 @@ for name in "${PACKAGES[@]}"; do specs+=("$(pinned "$name")"); done
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$DEST" "${specs[@]}"
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$(pinned deepspeed)"
+# this project's own wheel: omni_moe.{data,training,modeling} import only from an installed copy (pyproject.toml's
+# package-dir); the GPU machine runs `omni` from the repository, these three from /tmp/site
+"$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" .
 du -sh "$DEST"

@@ -84,7 +84,7 @@ class OmniMoeProcessor(ProcessorMixin):
         **kwargs,
     ):
         if tokenizer is None:
-            raise ValueError("OmniMoeProcessor needs a tokenizer (train one with data.tokenizer.build_bpe_tokenizer, or add our special tokens with tokenizer_utils.ensure_special_tokens)")
+            raise ValueError("OmniMoeProcessor needs a tokenizer (train one with omni_moe.data.tokenizer.build_bpe_tokenizer, or add our special tokens with tokenizer_utils.ensure_special_tokens)")
         self.modalities = list(modalities)
         self.vision_model_type = vision_model_type
         self.image_size = image_size

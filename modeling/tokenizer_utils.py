@@ -1,7 +1,7 @@
 """Our chat/placeholder special tokens and the ChatML chat template.
 
 `ensure_special_tokens` adds our tokens to an existing tokenizer (e.g. a Qwen2 one) before upcycling; a fresh
-tokenizer for the tiny recipe is trained by `data.tokenizer.build_bpe_tokenizer`.
+tokenizer for the tiny recipe is trained by `omni_moe.data.tokenizer.build_bpe_tokenizer`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ IMAGE_TOKEN = "<|image|>"
 VIDEO_TOKEN = "<|video|>"
 AUDIO_TOKEN = "<|audio|>"
 
-# Order matters for data.tokenizer.build_bpe_tokenizer: the trainer gives special tokens the first ids (0..5).
+# Order matters for omni_moe.data.tokenizer.build_bpe_tokenizer: the trainer gives special tokens the first ids (0..5).
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)
 
 # Placeholder token per media part type, as rendered by CHAT_TEMPLATE and expanded by the processor.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from data.quality import DropPolicy
+from omni_moe.data.quality import DropPolicy
 
 
 def add_parser(sub) -> None:
@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
 
 
 def run_synth(args: argparse.Namespace, rest=None) -> int:
-    from data.synth_shards import make_synth_dataset
+    from omni_moe.data.synth_shards import make_synth_dataset
 
     for line in make_synth_dataset(
         args.out, seed=args.seed, num=args.num, eval_num=args.eval_num, image_size=args.image_size,
@@ -63,7 +63,7 @@ def run_synth(args: argparse.Namespace, rest=None) -> int:
 
 
 def run_build(args: argparse.Namespace, rest=None) -> int:
-    from data.shards import build_shards
+    from omni_moe.data.shards import build_shards
 
     policy = DropPolicy(strict=args.strict, max_drop_rate=args.max_drop_rate)
     index = build_shards(

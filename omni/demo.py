@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, WhisperConfig
 
-from data.synth import plan_sample, render_image, render_video, synth_digit_audio
-from data.tokenizer import build_bpe_tokenizer
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.processing_omni import OmniMoeProcessor
+from omni_moe.data.synth import plan_sample, render_image, render_video, synth_digit_audio
+from omni_moe.data.tokenizer import build_bpe_tokenizer
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.processing_omni import OmniMoeProcessor
 
 SENTENCES = [
     "a red circle at the top left", "a blue square at the bottom right", "What colour is the shape?",

@@ -6,7 +6,7 @@ each modality's tokens are routed.
 
 CHECKPOINT is an exported model folder (`omni.loading.load_model_and_processor`). DIR is a canonical dataset folder
 (`omni data synth DIR` makes one): `DIR/<split>.jsonl` holds one sample a line, media paths relative to DIR. The
-generation and the report are `training.evaluation.evaluate`; the metrics are `training.scoring`'s.
+generation and the report are `omni_moe.training.evaluation.evaluate`; the metrics are `omni_moe.training.scoring`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.evaluation import evaluate, load_split
+from omni_moe.training.evaluation import evaluate, load_split
 
 
 def add_parser(sub) -> None:

@@ -118,7 +118,7 @@ def _check_folder(folder: Path) -> list[str]:
 
 
 def _drop_local_auto_mapping(adapter_config: Path) -> None:
-    """PEFT records the base class's module (`modeling.modeling_omni`, our package) for AutoPeftModel; outside this
+    """PEFT records the base class's module (`omni_moe.modeling.modeling_omni`, our package) for AutoPeftModel; outside this
     project that import fails. The base is loaded with trust_remote_code from the folder instead (model card)."""
     config = json.loads(adapter_config.read_text(encoding="utf-8"))
     config["auto_mapping"] = None

@@ -44,7 +44,7 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
-    from training.engine_checkpoint import LAYOUT_FILE
+    from omni_moe.training.engine_checkpoint import LAYOUT_FILE
 
     return (Path(path) / LAYOUT_FILE).is_file()
 
@@ -99,7 +99,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A training checkpoint folder from a checkpoint, a checkpoints/ root, a stage folder (its latest committed
     checkpoint whose files match the manifest's sizes) or a run folder (the same, in the last stage of its recipe
     that has a checkpoint)."""
-    from training.checkpoint_store import CheckpointManager
+    from omni_moe.training.checkpoint_store import CheckpointManager
 
     path = Path(path)
     if is_training_checkpoint(path):
@@ -142,10 +142,10 @@ class CheckpointSpec:
 def read_checkpoint_spec(path: str | Path, verify: str = "full") -> CheckpointSpec:
     """Verify a checkpoint against its manifest (raises CheckpointIntegrityError naming the file) and read what
     model it holds."""
-    from modeling.configuration_omni import OmniMoeConfig
-    from training.checkpoint_files import read_json
-    from training.checkpoint_store import CheckpointManager
-    from training.engine_checkpoint import LAYOUT_FILE, LAYOUT_FORMAT
+    from omni_moe.modeling.configuration_omni import OmniMoeConfig
+    from omni_moe.training.checkpoint_files import read_json
+    from omni_moe.training.checkpoint_store import CheckpointManager
+    from omni_moe.training.engine_checkpoint import LAYOUT_FILE, LAYOUT_FORMAT
 
     path = Path(path)
     CheckpointManager(path.parent, keep_last=None).verify(path, mode=verify)
@@ -185,9 +185,9 @@ def _place_lora_factor(key: str, full: torch.Tensor, local: torch.Tensor, ids: l
 def checkpoint_state_dict(spec: CheckpointSpec, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full single-device state dict for the keys/shapes/dtypes of `expected` (a meta model's state dict),
     read from the checkpoint's files. Each tensor is allocated once; experts are copied in one at a time."""
-    from training.engine_checkpoint import EXPERT_SEPARATOR
-    from training.expert_parallel import global_expert_ids, is_expert_key
-    from training.weights_files import SafetensorsFile
+    from omni_moe.training.engine_checkpoint import EXPERT_SEPARATOR
+    from omni_moe.training.expert_parallel import global_expert_ids, is_expert_key
+    from omni_moe.training.weights_files import SafetensorsFile
 
     path, layout = spec.path, spec.layout
     dense_file = path / layout["dense_file"]
@@ -254,7 +254,7 @@ def load_checkpoint_model(path: str | Path | CheckpointSpec, *, merge_lora: bool
     tensors are assigned (one copy of the weights in memory)."""
     from accelerate import init_empty_weights
 
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     spec = path if isinstance(path, CheckpointSpec) else read_checkpoint_spec(path, verify=verify)
     with init_empty_weights():  # parameters on meta; buffers (router masks, RoPE tables) real
@@ -306,7 +306,7 @@ def checkpoint_processor(spec: CheckpointSpec, tokenizer: str | Path | None = No
     # the fast-tokenizer class directly (as training/build.py): AutoTokenizer would read a model folder's auto_map
     from transformers import PreTrainedTokenizerFast
 
-    from modeling.processing_omni import OmniMoeProcessor
+    from omni_moe.modeling.processing_omni import OmniMoeProcessor
 
     source = Path(tokenizer) if tokenizer is not None else tokenizer_source(spec.path)
     if not (source / "tokenizer_config.json").is_file():
@@ -348,7 +348,7 @@ def folder_processor(folder: str | Path, *, trust_remote_code: bool = False):
     transformers' Auto machinery, which imports the classes its `auto_map` names."""
     from transformers import PreTrainedTokenizerFast
 
-    from modeling.processing_omni import OPTIONAL_SUB_PROCESSORS, OmniMoeProcessor
+    from omni_moe.modeling.processing_omni import OPTIONAL_SUB_PROCESSORS, OmniMoeProcessor
 
     folder = Path(folder)
     if trust_remote_code:
@@ -380,13 +380,13 @@ def load_model_and_processor(path: str | Path, *, dtype: torch.dtype | None = No
 
     Nothing from the folder is executed unless `trust_remote_code=True` (then only the processor is loaded
     through the folder's `auto_map`; the model is always our own class)."""
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder or checkpoint")
     if is_hf_folder(path):
-        from training.weights_files import check_safetensors_files
+        from omni_moe.training.weights_files import check_safetensors_files
 
         check_safetensors_files(path)  # transformers' error would name no file
         model = OmniMoeForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)

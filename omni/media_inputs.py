@@ -2,7 +2,7 @@
 
     attachment = load_attachment("image", "cat.png", processor)   # raises AttachmentError("cat.png: <reason>")
 
-Decoding goes through `data.media` (the decoders the training data uses), so a file reads the same way in chat as
+Decoding goes through `omni_moe.data.media` (the decoders the training data uses), so a file reads the same way in chat as
 in a shard. A video is an .mp4/.webm/... container (PyAV) or a folder of frame images (in natural name order:
 frame2.png before frame10.png). Audio is resampled to the processor's feature-extractor rate.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.media import (
+from omni_moe.data.media import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
     VIDEO_CONTAINER_EXTENSIONS,
@@ -24,8 +24,8 @@ from data.media import (
     decode_video_frames,
     extension,
 )
-from data.media_files import read_regular_file
-from data.quality import MediaDecoderUnavailable, SampleRejected
+from omni_moe.data.media_files import read_regular_file
+from omni_moe.data.quality import MediaDecoderUnavailable, SampleRejected
 
 MEDIA_KINDS = ("image", "audio", "video")
 # Inline attachment markers inside a message: <image:PATH>, <audio:PATH>, <video:PATH> (PATH may hold spaces,

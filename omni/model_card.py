@@ -6,7 +6,7 @@ Front matter: `library_name: transformers`, `pipeline_tag` (from the encoders pr
 (when the recipe names a Hub model), `tags`. Body: how to load it, the architecture, the expert layout per
 modality (router columns = global expert ids), the stages the run went through (recipe: what each trained, its
 data mix and steps; DONE.json: the steps actually run), and an evaluation table for every stage with an eval.json
-(written by `training.stage_eval`, the shape `omni eval --json` writes: {"per_modality": {name: {"n", "exact_match",
+(written by `omni_moe.training.stage_eval`, the shape `omni eval --json` writes: {"per_modality": {name: {"n", "exact_match",
 "token_f1", ...}}, "per_task": {...}, "overall": exact match, "num_samples": n}).
 Local paths from the recipe never appear (data sources are shown by name), and secrets are scrubbed.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from omni.loading import RunLocation
-from training.stage_eval import EVAL_FILE
+from omni_moe.training.stage_eval import EVAL_FILE
 
 DONE_FILE = "DONE.json"  # training/pipeline.py
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -143,7 +143,7 @@ def _expert_layout(config) -> list[str]:
 
 
 def _stages(run: RunLocation, stage: str | None, step: int | None) -> list[str]:
-    from training.stage_spec import parse_stages
+    from omni_moe.training.stage_spec import parse_stages
 
     specs = parse_stages(run.recipe.get("stages") or [])
     rows = []
@@ -205,7 +205,7 @@ def render_model_card(config, *, run: RunLocation | None = None, stage: str | No
                       adapter: bool = False, license: str = "apache-2.0", base_model: str | None = None,
                       repo_id: str | None = None, parameters: tuple[int, int] | None = None) -> str:
     """README.md text for an exported folder (see the module docstring)."""
-    from training.secret_scrub import scrub_secrets
+    from omni_moe.training.secret_scrub import scrub_secrets
 
     base_model = base_model or base_model_of(run)
     matter = front_matter(config, license=license, base_model=base_model, adapter=adapter)

@@ -13,7 +13,7 @@ EXPORT_DIR = "export"
 
 def eval_summary(output: Path, stage_names: list[str]) -> str | None:
     """Exact match per modality after each stage (from OUTPUT/<stage>/eval.json), or None when no stage has one."""
-    from training.stage_eval import EVAL_FILE
+    from omni_moe.training.stage_eval import EVAL_FILE
 
     reports = {name: json.loads((output / name / EVAL_FILE).read_text(encoding="utf-8"))
                for name in stage_names if (output / name / EVAL_FILE).is_file()}
@@ -39,7 +39,7 @@ def chat_examples(folder: Path, data_dir: str, split: str, count: int) -> list[s
     """`count` held-out questions (one modality after another) answered by the exported model through `omni chat`'s
     session, each line with the expected answer."""
     from omni.chat import ChatSession, load_for_chat
-    from training.evaluation import load_split
+    from omni_moe.training.evaluation import load_split
 
     model, processor = load_for_chat(str(folder), device="cpu")
     samples, picked, seen = load_split(data_dir, split), [], set()
@@ -70,7 +70,7 @@ def chat_examples(folder: Path, data_dir: str, split: str, count: int) -> list[s
 def finish_run(recipe) -> None:
     """Print the eval summary, export the last stage's model to OUTPUT/export, print chat answers from it."""
     from omni.export import export_model
-    from training.pipeline import DONE_FILE, MODEL_DIR
+    from omni_moe.training.pipeline import DONE_FILE, MODEL_DIR
 
     output = Path(recipe.run.output_dir)
     names = [stage.name for stage in recipe.stages]

@@ -1,7 +1,7 @@
 """Request messages -> the processor's conversation + decoded media, for `omni serve`, with every check a request can
 fail named in a 4xx `ApiError`.
 
-Media come as `data:` URLs / base64 (decoded with `data.media`, the decoders training and `omni chat` use, so
+Media come as `data:` URLs / base64 (decoded with `omni_moe.data.media`, the decoders training and `omni chat` use, so
 their bounds apply here too) or, only when the server was started with `--media-root DIR`, as files under DIR
 (`file:///abs/path` or a path relative to DIR; read with `omni.media_inputs.load_attachment`, as `omni chat` reads
 them). Remote URLs are never fetched: the server may run on an offline machine and must not become a proxy.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-from data.media import decode_audio, decode_image, decode_video_container
-from data.quality import MediaDecoderUnavailable, SampleRejected
+from omni_moe.data.media import decode_audio, decode_image, decode_video_container
+from omni_moe.data.quality import MediaDecoderUnavailable, SampleRejected
 from omni.media_inputs import BUFFER_REPR, AttachmentError, load_attachment
 from omni.serve_schema import MEDIA_PART_TYPES, ApiError, ChatCompletionRequest
 

@@ -11,7 +11,7 @@ through `torchrun --standalone` (the same path multi-node launches take, see lau
 rank on CPU. Before any process starts: the recipe is validated (every key), every path it names is checked
 (training/recipe_paths.py), the output folder is locked (training/run_lock.py: a second run on the folder exits at
 once naming the holder) and the synthetic dataset is made if the recipe asks (training/run_folder.py). Each rank
-then runs `training.pipeline.run_training`; once every stage is done, omni/run_summary.py prints the eval table,
+then runs `omni_moe.training.pipeline.run_training`; once every stage is done, omni/run_summary.py prints the eval table,
 exports OUTPUT/export and shows a few chat answers.
 """
 
@@ -23,12 +23,12 @@ import subprocess
 import sys
 
 from omni.run_summary import finish_run
-from training.dry_run import dry_run_report
-from training.pipeline import run_training
-from training.recipe import RecipeError, load_recipe
-from training.recipe_paths import check_recipe_paths
-from training.run_folder import SynthDataConflict, prepare_synth_data
-from training.run_lock import RUN_ID_ENV, RunLock, RunLockHeld
+from omni_moe.training.dry_run import dry_run_report
+from omni_moe.training.pipeline import run_training
+from omni_moe.training.recipe import RecipeError, load_recipe
+from omni_moe.training.recipe_paths import check_recipe_paths
+from omni_moe.training.run_folder import SynthDataConflict, prepare_synth_data
+from omni_moe.training.run_lock import RUN_ID_ENV, RunLock, RunLockHeld
 
 
 def add_parser(sub) -> None:

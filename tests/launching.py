@@ -47,9 +47,9 @@ def run_in_session(command: list[str], *, timeout_s: float, cwd: Path = REPO_ROO
 def small_synth_shards(root: Path, num: int = 44, per_shard: int = 11) -> dict[str, str]:
     """A tiny synthetic train split and its shards (4 shards by default: a multiple of 2 ranks x 1 reader) ->
     {"manifest", "shards"} paths for recipe overrides."""
-    from data.quality import DropPolicy
-    from data.shards import build_shards
-    from data.synth import generate
+    from omni_moe.data.quality import DropPolicy
+    from omni_moe.data.shards import build_shards
+    from omni_moe.data.synth import generate
 
     manifest = generate(root, seed=0, splits={"train": num})["train"]
     build_shards(manifest, root, root / "shards", max_samples_per_shard=per_shard, policy=DropPolicy(strict=True),

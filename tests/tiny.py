@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, Qwen2Config, SiglipVisionConfig, WhisperConfig
 
-from modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
 
 VOCAB = 96
 # placeholder ids live at the top of the tiny vocabulary
@@ -80,10 +80,10 @@ TINY_TEXTS = [
 def save_tiny_omni_folder(path, seed: int = 0, **config_overrides):
     """A tiny random OmniMoeForCausalLM saved as an exported HF folder (weights, tokenizer with the chat template,
     processor) at `path`; returns `path`. The model's vocabulary is the BPE tokenizer's."""
-    from data.tokenizer import build_bpe_tokenizer
-    from modeling.modeling_omni import OmniMoeForCausalLM
-    from modeling.processing_omni import OmniMoeProcessor
-    from modeling.tokenizer_utils import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+    from omni_moe.data.tokenizer import build_bpe_tokenizer
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.processing_omni import OmniMoeProcessor
+    from omni_moe.modeling.tokenizer_utils import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 
     tokenizer = build_bpe_tokenizer(TINY_TEXTS, vocab_size=300)
     ids = {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in

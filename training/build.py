@@ -54,7 +54,7 @@ def load_tokenizer(recipe: Recipe, source: str | Path | None):
     # a remote-code prompt) although only the tokenizer files are needed
     from transformers import PreTrainedTokenizerFast
 
-    from modeling.tokenizer_utils import ensure_special_tokens
+    from omni_moe.modeling.tokenizer_utils import ensure_special_tokens
 
     spec = recipe.model.tokenizer
     if source is not None or isinstance(spec, str):
@@ -65,7 +65,7 @@ def load_tokenizer(recipe: Recipe, source: str | Path | None):
         return tokenizer
     folder = Path(recipe.run.output_dir) / "tokenizer"
     if get_rank() == 0 and not (folder / "tokenizer_config.json").is_file():
-        from data.tokenizer import build_bpe_tokenizer
+        from omni_moe.data.tokenizer import build_bpe_tokenizer
 
         manifest = Path(spec["bpe_from"])
         if not manifest.is_file():
@@ -78,7 +78,7 @@ def load_tokenizer(recipe: Recipe, source: str | Path | None):
 
 def placeholder_ids(tokenizer) -> dict[str, int]:
     """The media placeholder token ids of our tokenizers, as OmniMoeConfig fields."""
-    from modeling.tokenizer_utils import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+    from omni_moe.modeling.tokenizer_utils import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 
     return {key: tokenizer.convert_tokens_to_ids(token) for key, token in
             (("image_token_id", IMAGE_TOKEN), ("video_token_id", VIDEO_TOKEN), ("audio_token_id", AUDIO_TOKEN))}
@@ -127,7 +127,7 @@ def plan_model(recipe: Recipe, stage, tokenizer=None, *, source: str | Path | No
     """The model `stage` trains. `source`: the previous stage's exported MoE model; `dense_source`: a dense_pretrain
     stage's exported LLM (this stage upcycles it). Without a tokenizer (the dry run) the vocabulary comes from the
     BPE spec."""
-    from modeling.configuration_omni import OmniMoeConfig
+    from omni_moe.modeling.configuration_omni import OmniMoeConfig
 
     model = recipe.model
     tokens = _token_fields(recipe, tokenizer)
@@ -151,11 +151,11 @@ def plan_model(recipe: Recipe, stage, tokenizer=None, *, source: str | Path | No
 
 
 def _upcycle_plan(recipe: Recipe, tokens: dict, dense_source: str | Path | None) -> ModelPlan:
-    """The config `modeling.upcycle.upcycle` builds from the same arguments (held equal by a test)."""
+    """The config `omni_moe.modeling.upcycle.upcycle` builds from the same arguments (held equal by a test)."""
     from transformers import AutoConfig
 
-    from modeling.configuration_omni import OmniMoeConfig
-    from modeling.upcycle import dense_llm_fields, encoder_config
+    from omni_moe.modeling.configuration_omni import OmniMoeConfig
+    from omni_moe.modeling.upcycle import dense_llm_fields, encoder_config
 
     spec = dict(recipe.model.upcycle)
     spec.setdefault("seed", recipe.run.seed)
@@ -180,7 +180,7 @@ def _upcycle_plan(recipe: Recipe, tokens: dict, dense_source: str | Path | None)
 
 def meta_model(plan: ModelPlan):
     """The planned model with every tensor on the meta device: real shapes, no memory, no initialisation cost."""
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     with torch.device("meta"):
         return OmniMoeForCausalLM(plan.config)
@@ -190,12 +190,12 @@ def build_model(plan: ModelPlan, dtype: torch.dtype):
     """The planned model with its weights, in the run's precision: a bf16 run never holds an fp32 copy of the model
     (at real scale, 63 GB per rank), whatever dtype a folder was saved in. Every rank builds the same weights (the
     caller seeds every rank alike)."""
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     if plan.kind == "folder":
         return OmniMoeForCausalLM.from_pretrained(plan.folder, dtype=dtype)
     if plan.kind == "upcycle":
-        from modeling.upcycle import upcycle
+        from omni_moe.modeling.upcycle import upcycle
 
         # placeholder ids past the checkpoint's embeddings fail in OmniMoeConfig, before any weights are built
         return upcycle(plan.folder, **plan.upcycle, dtype=dtype)
@@ -210,10 +210,10 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
 def build_loader(recipe: Recipe, stage, processor, stage_index: int, strip_media: bool = False):
     """This rank's resumable loader over the stage's weighted mix (a fixed-length epoch per rank); `strip_media`:
     the samples' text alone (a dense LLM)."""
-    from data.batching import make_batching
-    from data.collate import OmniCollator
-    from data.loader import ResumableLoader
-    from data.mixing import MixedShardDataset
+    from omni_moe.data.batching import make_batching
+    from omni_moe.data.collate import OmniCollator
+    from omni_moe.data.loader import ResumableLoader
+    from omni_moe.data.mixing import MixedShardDataset
 
     entries = stage.data or tuple({"source": name, "weight": 1.0} for name in recipe.data.sources)
     sources = {e["source"]: recipe.data.sources[e["source"]] for e in entries}

@@ -1,6 +1,6 @@
 """DeepSpeed's view of our experts: the expert-parallel process groups, sharding the experts over them, the MoE
 parameter tags and the MoE markers. Each step is its own function; a caller runs them once, in this order, before
-building the engine (`training.engine.initialize_engine`):
+building the engine (`omni_moe.training.engine.initialize_engine`):
 
     prepare_expert_parallel   process group, EP / expert-data-parallel groups, experts sharded over the EP group
     (LoRA on the experts)     adapters then see this rank's experts

@@ -5,7 +5,7 @@
 
 Only config.json files are read: the dense LLM's and the encoders' for `model.upcycle`, the folder's for
 `model.from`. The model is built on PyTorch's meta device (shapes, no storage); each stage's trainable set comes from
-the code the run itself uses (`training.stage_spec` presets, `training.freeze`: LoRA, freezing). The report holds the resolved recipe, the
+the code the run itself uses (`omni_moe.training.stage_spec` presets, `omni_moe.training.freeze`: LoRA, freezing). The report holds the resolved recipe, the
 data plan, total and active parameter counts by component, the expert layout (pools, global ids per EP rank) and,
 per stage, a per-rank memory estimate. World size = NNODES (environment, as for launch/torchrun.sh; default 1) x
 run.nproc_per_node.
@@ -105,8 +105,8 @@ class ParameterCounts:
 
 def count_parameters(model, config) -> ParameterCounts:
     """Counts of a (meta, possibly PEFT-wrapped) model of `config`; tied weights counted once."""
-    from training.expert_parallel import grouped_experts, moe_blocks
-    from training.lora import canonical_param_name
+    from omni_moe.training.expert_parallel import grouped_experts, moe_blocks
+    from omni_moe.training.lora import canonical_param_name
 
     by_component: dict[str, int] = {}
     for name, param in model.named_parameters():
@@ -204,7 +204,7 @@ def stage_memory(recipe: Recipe, stage, config, world_size: int) -> tuple[Memory
     group included)."""
     import torch
 
-    from training.freeze import apply_stage, prepare_model_for_stage
+    from omni_moe.training.freeze import apply_stage, prepare_model_for_stage
 
     with torch.device("meta"), quiet_transformers():  # PEFT would otherwise allocate and initialise the LoRA factors for real
         model = prepare_model_for_stage(meta_model(config), stage)
@@ -268,7 +268,7 @@ def _data_plan(recipe: Recipe, world: int) -> list[str]:
 
 def expert_layout(config, ep_size: int, world_size: int) -> list[str]:
     """Pools with global ids and the global ids every EP rank holds (placement of training/expert_parallel.py)."""
-    from training.expert_parallel import check_ep_size, global_expert_ids
+    from omni_moe.training.expert_parallel import check_ep_size, global_expert_ids
 
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     if not moe_layers:

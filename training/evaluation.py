@@ -1,6 +1,6 @@
 """Evaluation of a single-device model on a canonical dataset split: batched greedy answers, scored per modality and
-per task (`training.scoring`: exact match, token F1, WER for transcriptions), and where each modality's tokens
-are routed. `omni eval` is its CLI; `training.stage_eval` runs it after every training stage.
+per task (`omni_moe.training.scoring`: exact match, token F1, WER for transcriptions), and where each modality's tokens
+are routed. `omni eval` is its CLI; `omni_moe.training.stage_eval` runs it after every training stage.
 
 For every sample the LAST assistant turn is the reference: the messages before it are the prompt (chat template with
 the generation prompt, left padding), and the model answers greedily (batched `generate`, prompts sorted by
@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
-from data.collate import OmniCollator
-from data.importers import read_manifest
-from data.media import (
+from omni_moe.data.collate import OmniCollator
+from omni_moe.data.importers import read_manifest
+from omni_moe.data.media import (
     decode_audio,
     decode_image,
     decode_video_container,
     decode_video_frames,
 )
-from data.media_files import read_media_file
-from data.quality import SampleRejected
-from data.schema import primary_modality, to_processor_messages, validate_sample
-from training.scoring import EvalReport, Prediction, score_predictions
+from omni_moe.data.media_files import read_media_file
+from omni_moe.data.quality import SampleRejected
+from omni_moe.data.schema import primary_modality, to_processor_messages, validate_sample
+from omni_moe.training.scoring import EvalReport, Prediction, score_predictions
 
 NO_TASK = "unspecified"  # samples of datasets that do not name a task in meta.task
 
@@ -74,7 +74,7 @@ def _media_file(data_dir: Path, relative: str, sample: dict) -> bytes:
 
 
 def load_media(sample: dict, data_dir: str | Path, audio_sampling_rate: int = 16000) -> dict:
-    """Decode a canonical sample's media (paths relative to `data_dir`) with `data.media`'s decoders."""
+    """Decode a canonical sample's media (paths relative to `data_dir`) with `omni_moe.data.media`'s decoders."""
     data_dir = Path(data_dir)
     try:
         images = [decode_image(_media_file(data_dir, rel, sample), rel) for rel in sample["images"]]
@@ -211,7 +211,7 @@ def routing_specialisation(model, processor, samples: list[dict], data_dir: str 
 
 def evaluate(model, processor, samples: list[dict], data_dir: str | Path, *, batch_size: int = 64,
              max_new_tokens: int = 16, routing: bool = False) -> EvalReport:
-    """The `training.scoring` report of `model` on canonical `samples` (media relative to `data_dir`); `routing=True`
+    """The `omni_moe.training.scoring` report of `model` on canonical `samples` (media relative to `data_dir`); `routing=True`
     adds the routing-specialisation shares. The model is put in eval mode for the call and then restored.
 
     `model` is a single-device model: one sharded by expert parallelism must be gathered first (its MoE layers

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from modeling.moe import GroupedExperts, LocalDispatcher, OmniSparseMoeBlock
+from omni_moe.modeling.moe import GroupedExperts, LocalDispatcher, OmniSparseMoeBlock
 
 # Expert tensors in a state dict: `...experts.gate_up_proj` / `...experts.down_proj` (also under a wrapper module
 # inside `experts`, e.g. `experts.base_layer.gate_up_proj`). Their dim 0 is the expert index.

@@ -38,8 +38,8 @@ from peft.tuners.lora import ParamWrapper
 from safetensors.torch import save_file
 from torch import nn
 
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.moe import GroupedExperts
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.moe import GroupedExperts
 
 from .checkpoint_files import load_tensors
 
@@ -138,7 +138,7 @@ def attach_lora(
 
     `targets` is a subset of `LORA_TARGETS`: "attention" (decoder q/k/v/o), "experts" (routed fused experts,
     per-expert adapters), "shared_experts" (the shared expert's gate/up/down), "dense_mlp" (FFN of non-MoE layers).
-    PEFT marks only the LoRA parameters trainable; `training.freeze.apply_stage` sets the stage's full trainable set.
+    PEFT marks only the LoRA parameters trainable; `omni_moe.training.freeze.apply_stage` sets the stage's full trainable set.
     LoRA starts as a no-op (B = 0). Shard experts for expert parallelism before calling this.
     """
     if isinstance(model, PeftModel):

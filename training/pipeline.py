@@ -107,7 +107,7 @@ class BuiltStage:
 def build_stage(recipe: Recipe, index: int, hand_off: HandOff | None = None) -> BuiltStage:
     """Collective (the tokenizer). The build step of stage `index`: identical initial weights on every rank, then
     per-rank random streams (seed + index + rank; a resume restores them instead)."""
-    from modeling.processing_omni import OmniMoeProcessor
+    from omni_moe.modeling.processing_omni import OmniMoeProcessor
 
     hand_off = hand_off or HandOff()
     stage = recipe.stages[index]
@@ -178,7 +178,7 @@ def _eval_model(recipe: Recipe, kind: StageKind, result, stage_dir: Path):
         return unwrap_model(result.model)
     import torch
 
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     model = OmniMoeForCausalLM.from_pretrained(str(stage_dir / MODEL_DIR), dtype=compute_dtype(recipe))
     return model.to(torch.device(result.setup.engine.device))

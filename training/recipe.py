@@ -17,7 +17,7 @@
     train:     gradient_accumulation_steps, save_every, keep_last, log_every,
                activation_checkpointing, stop_after_steps, ... (see `TrainSection`)
     eval:      held-out evaluation after every stage (`EvalSection`)
-    stages:    a list parsed by `training.stage_spec.parse_stages` (each stage's `data:` weights name `data.sources`;
+    stages:    a list parsed by `omni_moe.training.stage_spec.parse_stages` (each stage's `data:` weights name `data.sources`;
                its `optimizer:` holds the LR schedule and `grad_clip`, the one clipping key)
 
 `model.config`, `model.upcycle` and `model.dense` are checked against OmniMoeConfig's fields (and upcycle's own
@@ -256,7 +256,7 @@ def model_config_fields() -> tuple[list[str], list[str]]:
     """(every OmniMoeConfig field, the LLM fields -- vocab_size .. tie_word_embeddings), in signature order."""
     import inspect
 
-    from modeling.configuration_omni import OmniMoeConfig
+    from omni_moe.modeling.configuration_omni import OmniMoeConfig
 
     names = [n for n, p in inspect.signature(OmniMoeConfig.__init__).parameters.items()
              if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.encoders import AUDIO_CHECKPOINT_TYPES, VISION_CHECKPOINT_TYPES
-from modeling.upcycle import DENSE_MODEL_TYPES
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.encoders import AUDIO_CHECKPOINT_TYPES, VISION_CHECKPOINT_TYPES
+from omni_moe.modeling.upcycle import DENSE_MODEL_TYPES
 
 from .recipe import Recipe, RecipeError
 

@@ -30,8 +30,8 @@ def prepare_synth_data(recipe: Recipe) -> None:
     """`data.synth: {out, num, seed, eval_num, max_samples_per_shard}`: make the synthetic dataset there (one shard set
     per task) unless a previous run finished it with the same settings and generator version (its READY.json). Runs
     once, before the ranks start."""
-    from data.synth import SYNTH_VERSION
-    from data.synth_shards import make_synth_dataset
+    from omni_moe.data.synth import SYNTH_VERSION
+    from omni_moe.data.synth_shards import make_synth_dataset
 
     spec = recipe.data.synth
     if spec is None:

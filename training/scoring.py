@@ -8,7 +8,7 @@ and gets two scores:
   shares with the reference. Unlike SQuAD's normalisation, articles and punctuation are kept: in short answers such
   as "a red circle at the top left" every word is part of what is asked.
 
-A sample whose `meta.metric` is "wer" (`data.schema.ANSWER_METRICS`) is a transcription: its word error rate (word-
+A sample whose `meta.metric` is "wer" (`omni_moe.data.schema.ANSWER_METRICS`) is a transcription: its word error rate (word-
 level Levenshtein distance: substitutions + deletions + insertions, over the reference's word count) is reported
 too. A group's WER is the corpus rate over its transcription samples (total edits / total reference words), so a
 group mixing transcriptions with other tasks reports WER of the transcriptions alone (`wer_samples` of them).
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from data.schema import WER_METRIC
+from omni_moe.data.schema import WER_METRIC
 EXAMPLES_PER_TASK = 2
 
 

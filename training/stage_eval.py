@@ -2,7 +2,7 @@
 
 Each rank evaluates its share of the split (samples rank::world) on a single-device copy of the stage's model --
 the exported folder, so the numbers are those of what a user downloads -- and rank 0 scores the gathered
-predictions (`training.scoring`), prints the table and writes OUTPUT/<stage>/eval.json (which `omni export`'s model
+predictions (`omni_moe.training.scoring`), prints the table and writes OUTPUT/<stage>/eval.json (which `omni export`'s model
 card reads). A dense_pretrain stage (text only, no processor for media) is evaluated on the text samples.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.distributed import get_rank, get_world_size
-from training.evaluation import evaluate, load_split
-from training.scoring import score_predictions
+from omni_moe.training.distributed import get_rank, get_world_size
+from omni_moe.training.evaluation import evaluate, load_split
+from omni_moe.training.scoring import score_predictions
 
 EVAL_FILE = "eval.json"
 

@@ -31,7 +31,7 @@ def _publish(write, out_dir: Path) -> None:
 def export_moe_model(model, ep_group, out_dir: Path, tokenizer, processor) -> None:
     """Collective: the trained model as a HF folder -- LoRA merged, experts gathered from every EP rank by global
     id into a fresh single-device model."""
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     from .expert_parallel import gather_full_expert_state, is_expert_key
     from .lora import merge_lora

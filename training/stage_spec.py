@@ -117,7 +117,7 @@ class OptimizerSpec:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA settings of a stage (arguments of `training.lora.attach_lora`)."""
+    """LoRA settings of a stage (arguments of `omni_moe.training.lora.attach_lora`)."""
 
     r: int = 8
     alpha: float = 16.0

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python -m omni.benchmarks.data     # --num 2048 --batch-size 16 --workers 0,2 --rounds 3
     OMP_NUM_THREADS=2 python -m omni.benchmarks.data --num 512 --rounds 1   # quicker
 
-Writes the synthetic omni dataset (`data.synth.generate`) and its shards (`data.shards.build_shards`) to a temporary
+Writes the synthetic omni dataset (`omni_moe.data.synth.generate`) and its shards (`omni_moe.data.shards.build_shards`) to a temporary
 directory, then prints, from one run:
   1. the length function's cost: `OmniCollator.sequence_length` (exact, no media processing) against running the
      processor on one sample;
@@ -30,15 +30,15 @@ from pathlib import Path
 
 import torch
 
-from data.batching import iter_batches, make_batching
-from data.collate import OmniCollator
-from data.loader import ResumableLoader
-from data.reader import ShardDataset
-from data.shards import build_shards
-from data.synth import generate
-from data.tokenizer import build_bpe_tokenizer
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.processing_omni import OmniMoeProcessor
+from omni_moe.data.batching import iter_batches, make_batching
+from omni_moe.data.collate import OmniCollator
+from omni_moe.data.loader import ResumableLoader
+from omni_moe.data.reader import ShardDataset
+from omni_moe.data.shards import build_shards
+from omni_moe.data.synth import generate
+from omni_moe.data.tokenizer import build_bpe_tokenizer
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.processing_omni import OmniMoeProcessor
 from omni.demo import SENTENCES, tiny_omni_config
 
 

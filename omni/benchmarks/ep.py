@@ -25,7 +25,7 @@ WORLD_SIZE = 2
 
 
 def _bench_config(args: argparse.Namespace):
-    from modeling.configuration_omni import OmniMoeConfig
+    from omni_moe.modeling.configuration_omni import OmniMoeConfig
 
     return OmniMoeConfig(
         vocab_size=512, hidden_size=args.hidden, intermediate_size=args.ffn, moe_intermediate_size=args.ffn,
@@ -45,10 +45,10 @@ def _job(rank: int, args: argparse.Namespace, ep_size: int, port: int, out_path:
     import torch
     import torch.distributed as dist
 
-    from modeling.modeling_omni import OmniMoeForCausalLM
-    from training.distributed import init_distributed, teardown
-    from training.deepspeed_moe import install_moe_markers, prepare_expert_parallel, tag_expert_parameters
-    from training.engine import build_deepspeed_config, initialize_engine
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.training.distributed import init_distributed, teardown
+    from omni_moe.training.deepspeed_moe import install_moe_markers, prepare_expert_parallel, tag_expert_parameters
+    from omni_moe.training.engine import build_deepspeed_config, initialize_engine
 
     torch.set_num_threads(1)
     init_distributed(timeout_s=120)
@@ -82,7 +82,7 @@ def run_job(args: argparse.Namespace, ep_size: int) -> float:
     """Median step time (s) of one 2-process job."""
     import torch.multiprocessing as mp
 
-    from training.distributed import free_port
+    from omni_moe.training.distributed import free_port
 
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks before torch initialises its pool
     with tempfile.TemporaryDirectory() as tmp:

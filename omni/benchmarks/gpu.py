@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.moe import OmniSparseMoeBlock
-from training.cost_model import active_matmul_weights, forward_flops_per_token
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.moe import OmniSparseMoeBlock
+from omni_moe.training.cost_model import active_matmul_weights, forward_flops_per_token
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # ~1.1 B active of 2.8 B parameters: 16 layers of width 2048 (16 heads of 128, 8 KV heads), every layer MoE with

@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.moe import OmniSparseMoeBlock
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.moe import OmniSparseMoeBlock
 
 # Backends that need GPU kernels from the Hub; everything else registered in ExpertsInterface runs on the CPU.
 GPU_ONLY_EXPERT_BACKENDS = ("deepgemm", "sonicmoe")

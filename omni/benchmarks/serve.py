@@ -33,9 +33,9 @@ PROMPTS = ["What is 2 plus 3?", "Describe the image.", "Repeat: a b c", "Which w
 
 def tiny_model_folder(path: Path) -> Path:
     """omni.demo's tiny config with random weights, saved as an exported folder."""
-    from data.tokenizer import build_bpe_tokenizer
-    from modeling.modeling_omni import OmniMoeForCausalLM
-    from modeling.processing_omni import OmniMoeProcessor
+    from omni_moe.data.tokenizer import build_bpe_tokenizer
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.processing_omni import OmniMoeProcessor
     from omni.demo import SENTENCES, tiny_omni_config
 
     tokenizer = build_bpe_tokenizer(SENTENCES, vocab_size=320)

@@ -20,8 +20,8 @@ import time
 import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 from omni.benchmarks.moe import cpu_expert_backends
 
 

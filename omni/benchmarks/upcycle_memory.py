@@ -1,4 +1,4 @@
-"""Upcycling memory: the peak resident memory of `modeling.upcycle.upcycle` against the bytes of the model it returns.
+"""Upcycling memory: the peak resident memory of `omni_moe.modeling.upcycle.upcycle` against the bytes of the model it returns.
 
     python -m omni.benchmarks.upcycle_memory                  # bf16, a ~0.2 B dense Qwen2 -> ~0.55 B MoE
     python -m omni.benchmarks.upcycle_memory --dtype float32 --layers 4
@@ -52,7 +52,7 @@ def current_rss_bytes() -> int:
 
 def measure(path: str, dtype: str, hidden: int) -> dict:
     """In this (fresh) process: upcycle `path`, report memory and time."""
-    from modeling.upcycle import upcycle
+    from omni_moe.modeling.upcycle import upcycle
 
     torch.set_num_threads(2)
     before = current_rss_bytes()

@@ -79,7 +79,7 @@ def spawn_workers(
     init: "torch" (a gloo process group only), "deepspeed" (also deepspeed.comm, needed by the engine) or "none".
     pg_timeout_s bounds every collective; timeout_s bounds the whole run.
     """
-    from training.distributed import free_port
+    from omni_moe.training.distributed import free_port
 
     if init not in ("torch", "deepspeed", "none"):
         raise ValueError(f"init must be 'torch', 'deepspeed' or 'none', got {init!r}")
@@ -145,7 +145,7 @@ def _worker_main(target: str, run_dir: str) -> None:
     sys.path.insert(0, str(REPO_ROOT))
     import torch
 
-    from training.distributed import init_distributed, teardown
+    from omni_moe.training.distributed import init_distributed, teardown
 
     spec = json.loads((Path(run_dir) / "args.json").read_text())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

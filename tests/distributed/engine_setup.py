@@ -10,8 +10,8 @@ from typing import Any
 def engine_for(model, ds_config: dict, ep_size: int, *, lr_schedule=None, param_groups=None,
                activation_checkpointing: bool = False, timeout_s: float = 60.0) -> Any:
     """An `EngineSetup` for `model` over `ep_size` EP ranks (every rank calls it with the same model and config)."""
-    from training.deepspeed_moe import install_moe_markers, prepare_expert_parallel, tag_expert_parameters
-    from training.engine import enable_activation_checkpointing, initialize_engine
+    from omni_moe.training.deepspeed_moe import install_moe_markers, prepare_expert_parallel, tag_expert_parameters
+    from omni_moe.training.engine import enable_activation_checkpointing, initialize_engine
 
     layout = prepare_expert_parallel(model, ep_size, timeout_s=timeout_s)
     tag_expert_parameters(model, ep_size)

@@ -20,7 +20,7 @@ TARGET = "tests.distributed.test_batch_device"
 
 
 def test_to_device_moves_every_tensor_and_casts_only_floating_ones():
-    from training.loop import to_device
+    from omni_moe.training.loop import to_device
 
     inputs = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
               "position_ids": torch.zeros(3, 2, 5, dtype=torch.long), "modality_ids": torch.zeros(2, 5, dtype=torch.long),
@@ -36,9 +36,9 @@ def test_to_device_moves_every_tensor_and_casts_only_floating_ones():
 
 
 def worker_check_every_batch(rank: int, world: int, args: dict) -> dict:
-    from training.loop import model_loss
-    from training.pipeline import build_stage, train_built_stage
-    from training.recipe import load_recipe
+    from omni_moe.training.loop import model_loss
+    from omni_moe.training.pipeline import build_stage, train_built_stage
+    from omni_moe.training.recipe import load_recipe
 
     recipe = load_recipe("tests/distributed/loop_recipe.yaml", [
         f"run.output_dir={args['root']}/run", f"model.tokenizer.bpe_from={args['manifest']}",

@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from training.checkpoint_files import load_tensors, save_tensors
-from training.checkpoint_store import COMMITTED, MANIFEST, CheckpointIntegrityError, CheckpointManager
+from omni_moe.training.checkpoint_files import load_tensors, save_tensors
+from omni_moe.training.checkpoint_store import COMMITTED, MANIFEST, CheckpointIntegrityError, CheckpointManager
 
 KILL_WAIT_S = 30.0  # how long a victim waits to be killed before failing on its own
 JOB_TIMEOUT_S = 60.0

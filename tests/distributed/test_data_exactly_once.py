@@ -9,10 +9,10 @@ import collections
 import pytest
 from torch.utils.data import DataLoader
 
-from data.loader import ResumableLoader
-from data.reader import ShardDataset
-from data.shards import build_shards
-from data.testing import make_manifest
+from omni_moe.data.loader import ResumableLoader
+from omni_moe.data.reader import ShardDataset
+from omni_moe.data.shards import build_shards
+from omni_moe.data.testing import make_manifest
 
 WORLD, WORKERS = 2, 2
 

@@ -24,7 +24,7 @@ PG_TIMEOUT_S = 60.0
 
 
 def _model(seed: int = 0):
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
     from tests.tiny import tiny_config
 
     torch.manual_seed(seed)
@@ -49,7 +49,7 @@ def _groups(model) -> list[dict]:
 
 def _engine(model, zero_stage: int, clip: float | None, schedule=None, groups=None):
     from tests.distributed.engine_setup import engine_for
-    from training.engine import build_deepspeed_config
+    from omni_moe.training.engine import build_deepspeed_config
 
     config = build_deepspeed_config(micro_batch_size=2, zero_stage=zero_stage, gradient_clipping=clip, lr=LR)
     return engine_for(model, config, 1, lr_schedule=schedule, param_groups=groups, timeout_s=PG_TIMEOUT_S)
@@ -67,7 +67,7 @@ def _lrs_per_step(setup, steps: range) -> list[list[tuple[str, float]]]:
 
 
 def worker_schedules(rank: int, world: int, args: dict) -> dict:
-    from training.lr_schedule import LRSchedule
+    from omni_moe.training.lr_schedule import LRSchedule
 
     out = {}
     for name in ("cosine", "linear", "constant"):
@@ -118,7 +118,7 @@ def schedules(spawn):
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
 def test_engine_lr_follows_the_schedule_for_every_group_and_after_resume(schedules, name):
-    from training.lr_schedule import lr_factor
+    from omni_moe.training.lr_schedule import lr_factor
 
     run = schedules[name]
     assert run["scheduler"] == "StageLRScheduler"

@@ -29,7 +29,7 @@ EP4_STEPS = 4
 
 
 def _model(seed: int = 0, **config_overrides):
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
     from tests.tiny import tiny_config
 
     torch.manual_seed(seed)
@@ -52,7 +52,7 @@ def _micro_batch(step: int, index: int, micro: int = MICRO_BATCH) -> dict[str, t
 
 
 def _config(zero_stage: int, gas: int, precision: str = "fp32", micro: int = MICRO_BATCH) -> dict:
-    from training.engine import build_deepspeed_config
+    from omni_moe.training.engine import build_deepspeed_config
 
     return build_deepspeed_config(
         micro_batch_size=micro, gradient_accumulation_steps=gas, zero_stage=zero_stage, precision=precision,
@@ -61,14 +61,14 @@ def _config(zero_stage: int, gas: int, precision: str = "fp32", micro: int = MIC
 
 
 def _schedule(steps: int = STEPS):
-    from training.lr_schedule import LRSchedule
+    from omni_moe.training.lr_schedule import LRSchedule
 
     return LRSchedule("cosine", warmup_steps=2, total_steps=steps, min_lr_ratio=0.1)
 
 
 def _full_state(setup) -> dict[str, torch.Tensor]:
     """Dense parameters + gathered full expert tensors (EP=1 layout), fp32 CPU."""
-    from training.expert_parallel import gather_full_expert_state, is_expert_key
+    from omni_moe.training.expert_parallel import gather_full_expert_state, is_expert_key
 
     module = setup.engine.module
     state = {k: v.detach().float().clone() for k, v in module.state_dict().items() if not is_expert_key(k)}
@@ -82,7 +82,7 @@ def _train(rank: int, world: int, ep_size: int, zero_stage: int, steps: int = ST
     import torch.distributed as dist
 
     from tests.distributed.engine_setup import engine_for
-    from training.expert_parallel import is_expert_key
+    from omni_moe.training.expert_parallel import is_expert_key
 
     gas = GLOBAL_BATCH // micro // world
     model = _model(**(model_overrides or {}))
@@ -225,7 +225,7 @@ def worker_nan_guard(rank: int, world: int, args: dict) -> dict:
     """EP=2, ZeRO-0 fp32, some parameters frozen: NaN loss on rank 1 at step 2, an inf gradient (finite loss) on
     rank 1 at step 3 (constant lr: no schedule)."""
     from tests.distributed.engine_setup import engine_for
-    from training.engine import build_deepspeed_config, guarded_backward_step, optimizer_param_groups
+    from omni_moe.training.engine import build_deepspeed_config, guarded_backward_step, optimizer_param_groups
 
     model = _model()
     frozen = [model.model.embed_tokens.weight, model.model.layers[1].mlp.experts.down_proj]
@@ -284,7 +284,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(spawn):
 
 # ----------------------------------------------------------------------------- config (no processes)
 def test_build_deepspeed_config_settings():
-    from training.engine import build_deepspeed_config
+    from omni_moe.training.engine import build_deepspeed_config
 
     config = build_deepspeed_config(micro_batch_size=2, gradient_accumulation_steps=4, zero_stage=2, precision="bf16",
                                     gradient_clipping=0.5)
@@ -305,7 +305,7 @@ def test_build_deepspeed_config_settings():
 
 
 def test_user_config_validation(tmp_path):
-    from training.engine import load_deepspeed_config, validate_deepspeed_config
+    from omni_moe.training.engine import load_deepspeed_config, validate_deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {}}}))
@@ -329,8 +329,8 @@ def test_user_config_validation(tmp_path):
 
 def test_initialize_engine_refuses_zero3_before_touching_the_model():
     """The config is checked first: no process group, sharding or engine is needed to get the error."""
-    from training.deepspeed_moe import ExpertParallelLayout
-    from training.engine import initialize_engine
+    from omni_moe.training.deepspeed_moe import ExpertParallelLayout
+    from omni_moe.training.engine import initialize_engine
 
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

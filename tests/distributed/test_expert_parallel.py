@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from modeling.modeling_omni import OmniMoeForCausalLM
-    from modeling.moe import GroupedExperts
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.moe import GroupedExperts
 
 # modeling/ and training/ pull in transformers (~3 s per process): imported lazily so the spawn-helper workers
-# below start fast. `ep` is training.expert_parallel.
+# below start fast. `ep` is omni_moe.training.expert_parallel.
 
 EP = 2
 NUM_EXPERTS, HIDDEN, FFN = 8, 16, 8
@@ -30,7 +30,7 @@ PG_TIMEOUT_S = 15.0  # a hang must fail fast
 
 # ----------------------------------------------------------------------------- helpers (run inside workers)
 def _full_experts(dtype: torch.dtype = torch.float32) -> GroupedExperts:
-    from modeling.moe import GroupedExperts
+    from omni_moe.modeling.moe import GroupedExperts
 
     torch.manual_seed(0)
     experts = GroupedExperts(NUM_EXPERTS, HIDDEN, FFN)
@@ -39,7 +39,7 @@ def _full_experts(dtype: torch.dtype = torch.float32) -> GroupedExperts:
 
 
 def _local_experts(full: GroupedExperts, rank: int) -> GroupedExperts:
-    from modeling.moe import GroupedExperts
+    from omni_moe.modeling.moe import GroupedExperts
 
     local = GroupedExperts(NUM_EXPERTS // EP, HIDDEN, FFN).to(full.gate_up_proj.dtype)
     local.implementation = full.implementation
@@ -69,8 +69,8 @@ def _rank_inputs(rank: int, case: str, dtype: torch.dtype) -> tuple[torch.Tensor
 
 
 def worker_dispatcher(rank: int, world: int, args: dict) -> dict:
-    from modeling.moe import LocalDispatcher
-    from training.expert_parallel import AllToAllDispatcher
+    from omni_moe.modeling.moe import LocalDispatcher
+    from omni_moe.training.expert_parallel import AllToAllDispatcher
 
     dtype = getattr(torch, args["dtype"])
     case = args["case"]
@@ -114,8 +114,8 @@ def _forced_router_model(config) -> OmniMoeForCausalLM:
     """Router forced through the aux-free selection bias (it picks WHICH expert, never its weight): text tokens
     all pick expert 0, image tokens all pick expert 2 (the first of each intra pool); zero router weights make
     the routing independent of the hidden states."""
-    from modeling.modeling_omni import OmniMoeForCausalLM
-    from training.expert_parallel import moe_blocks
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.training.expert_parallel import moe_blocks
 
     torch.manual_seed(0)
     model = OmniMoeForCausalLM(config)
@@ -129,7 +129,7 @@ def _forced_router_model(config) -> OmniMoeForCausalLM:
 def worker_model_uneven(rank: int, world: int, args: dict) -> dict:
     """Whole model, EP=2, forced routing: losses and every gradient vs the single-process full model."""
     from tests.tiny import tiny_config
-    from training.expert_parallel import gather_full_expert_state, local_expert_state, moe_blocks, shard_experts
+    from omni_moe.training.expert_parallel import gather_full_expert_state, local_expert_state, moe_blocks, shard_experts
 
     config = tiny_config(media=False, num_experts_per_tok=1, num_null_experts=0, aux_free_bias=True)
     model = _forced_router_model(config)
@@ -173,7 +173,7 @@ def worker_model_uneven(rank: int, world: int, args: dict) -> dict:
 
 def worker_single_process_init(rank: int, world: int, args: dict) -> dict:
     """No launcher variables at all: init_distributed starts a one-process group on loopback."""
-    from training.distributed import dist_info, init_distributed, seed_everything, teardown
+    from omni_moe.training.distributed import dist_info, init_distributed, seed_everything, teardown
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
@@ -213,7 +213,7 @@ def worker_expert_group_timeouts(rank: int, world: int, args: dict) -> dict:
     """Rank 0 issues a collective on an expert group that rank 1 skips (rank 1 waits in a world barrier): it must
     fail after the expert groups' own timeout, not the world group's nor torch's default. World 2: at EP=2 the EP
     group holds both ranks, at EP=1 the expert-data-parallel group does."""
-    from training.deepspeed_moe import create_expert_parallel_groups
+    from omni_moe.training.deepspeed_moe import create_expert_parallel_groups
 
     out = {}
     for ep_size, attr in ((2, "ep_group"), (1, "expert_data_parallel_group")):
@@ -276,7 +276,7 @@ def test_sharded_model_with_forced_uneven_routing_matches_single_process(ep_resu
     everyone. No hang;
     losses and all gradients equal the single-process model on both ranks' batches; gathering the shards rebuilds
     the full expert tensors in global order."""
-    from training.expert_parallel import global_expert_ids
+    from omni_moe.training.expert_parallel import global_expert_ids
 
     results = [r["model_uneven"] for r in ep_results]
     for rank, r in enumerate(results):
@@ -306,7 +306,7 @@ def test_expert_groups_time_out_after_their_own_timeout(spawn):
 
 
 def test_expert_parallel_topology_is_deepspeeds():
-    from training.deepspeed_moe import expert_parallel_ranks
+    from omni_moe.training.deepspeed_moe import expert_parallel_ranks
 
     assert expert_parallel_ranks(8, 2) == ([[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]])
     assert expert_parallel_ranks(8, 2, use_data_before_expert_parallel=True) == (
@@ -318,7 +318,7 @@ def test_expert_parallel_topology_is_deepspeeds():
 
 def test_placement_round_robin_spreads_every_pool():
     from tests.tiny import tiny_config
-    from training.expert_parallel import check_ep_size, global_expert_ids
+    from omni_moe.training.expert_parallel import check_ep_size, global_expert_ids
 
     config = tiny_config(media=False)
     pools = config.expert_pools()
@@ -335,7 +335,7 @@ def test_placement_round_robin_spreads_every_pool():
 
 
 def test_local_expert_state_slices_only_expert_tensors():
-    from training.expert_parallel import local_expert_state
+    from omni_moe.training.expert_parallel import local_expert_state
 
     full = {
         "model.layers.0.mlp.experts.gate_up_proj": torch.arange(4.0)[:, None].repeat(1, 3),

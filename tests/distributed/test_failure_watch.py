@@ -19,8 +19,8 @@ PG_TIMEOUT_S = 90
 
 
 def worker_forward_fails_on_rank_1(rank: int, world: int, args: dict) -> dict:
-    from training.recipe import load_recipe
-    from training.pipeline import build_stage, train_built_stage
+    from omni_moe.training.recipe import load_recipe
+    from omni_moe.training.pipeline import build_stage, train_built_stage
 
     recipe = load_recipe("tests/distributed/loop_recipe.yaml", [
         f"run.output_dir={args['root']}/run", f"model.tokenizer.bpe_from={args['manifest']}",

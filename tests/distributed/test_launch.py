@@ -196,7 +196,7 @@ class KillRankOnce:
         self.missed: int | None = None
 
     def _stage_state(self) -> tuple[int, list[int]]:
-        from training.checkpoint_store import CheckpointManager
+        from omni_moe.training.checkpoint_store import CheckpointManager
 
         steps = _logged_steps(self.output, self.stage)
         root = self.output / self.stage / "checkpoints"
@@ -235,7 +235,7 @@ def data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def two_node_run(data, tmp_path_factory) -> dict:
     """Two launch/torchrun.sh invocations, one per "node", rendezvousing over loopback."""
-    from training.distributed import free_port
+    from omni_moe.training.distributed import free_port
 
     output = tmp_path_factory.mktemp("two_nodes")
     tag, port = uuid.uuid4().hex, free_port()
@@ -267,7 +267,7 @@ def test_torchrun_script_rejects_a_bad_node_rank():
 
 @pytest.mark.timeout(300)
 def test_two_node_job_over_loopback_commits_one_consistent_checkpoint(two_node_run):
-    from training.checkpoint_store import CheckpointManager
+    from omni_moe.training.checkpoint_store import CheckpointManager
 
     output, logs = two_node_run["output"], two_node_run["logs"]
     assert two_node_run["codes"] == [0, 0], _tails(logs)
@@ -301,7 +301,7 @@ def test_sigkill_of_a_rank_restarts_from_the_last_checkpoint_and_matches(data, t
     """Checkpoints every 2 steps; rank 1's process is SIGKILLed from outside once step 7 of 12 is logged;
     torchrun (max 1 restart) restarts both ranks, which resume from the newest committed checkpoint -> the same
     losses and final weights as the uninterrupted run."""
-    from training.distributed import free_port
+    from omni_moe.training.distributed import free_port
 
     assert two_node_run["codes"] == [0, 0], _tails(two_node_run["logs"])
     log = tmp_path / "torchrun.log"
@@ -334,7 +334,7 @@ def test_sigkill_of_a_rank_restarts_from_the_last_checkpoint_and_matches(data, t
 def test_restarted_rank_refuses_a_shared_agent_store(monkeypatch):
     """Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 a restarted rank would reuse torchrun's store (stale peer
     addresses): init_distributed raises at once, naming the fix, instead of hanging in connectFullMesh."""
-    from training.distributed import SHARED_STORE_SWITCH, check_restartable_store
+    from omni_moe.training.distributed import SHARED_STORE_SWITCH, check_restartable_store
 
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
@@ -381,7 +381,7 @@ def test_slurm_script_gives_every_node_the_head_node_and_its_rank(tmp_path):
 def test_deepspeed_hostfile_script_starts_one_rank_per_slot(tmp_path):
     """launch/deepspeed_hostfile.sh with `localhost slots=2` on this CPU machine: the real DeepSpeed launcher starts
     2 ranks (--num_gpus from the slots) of `omni train RECIPE --dry-run`; a malformed hostfile line is refused."""
-    from training.distributed import free_port
+    from omni_moe.training.distributed import free_port
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one CPU host\nlocalhost slots=2\n")

@@ -21,9 +21,9 @@ CONFIGS = [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")]
 def worker_train_through_inf_gradients(rank: int, world: int, args: dict) -> dict:
     import torch
 
-    from training.recipe import load_recipe
-    from training.loop import NonFiniteAbort
-    from training.pipeline import build_stage, train_built_stage
+    from omni_moe.training.recipe import load_recipe
+    from omni_moe.training.loop import NonFiniteAbort
+    from omni_moe.training.pipeline import build_stage, train_built_stage
 
     outcomes = {}
     for zero, precision in CONFIGS:

@@ -19,7 +19,7 @@ STEPS = 12
 
 
 def _recipe(args: dict, output: Path, *overrides: str):
-    from training.recipe import load_recipe
+    from omni_moe.training.recipe import load_recipe
 
     return load_recipe(RECIPE, [f"run.output_dir={output}", f"model.tokenizer.bpe_from={args['manifest']}",
                                 f"data.sources.synth={args['shards']}", "data.samples_per_epoch=16",
@@ -35,7 +35,7 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def worker_train_keys(rank: int, world: int, args: dict) -> dict:
-    from training.pipeline import build_stage, train_built_stage
+    from omni_moe.training.pipeline import build_stage, train_built_stage
 
     output = Path(args["root"]) / "keyed"
     recipe = _recipe(args, output, "train.log_every=3", "train.save_every=5", "train.keep_last=2",
@@ -91,7 +91,7 @@ def test_train_section_keys_shape_the_stage_run(spawn, tmp_path):
 
 
 def worker_optimizer_keys(rank: int, world: int, args: dict) -> dict:
-    from training.pipeline import build_stage, train_built_stage
+    from omni_moe.training.pipeline import build_stage, train_built_stage
 
     results = {}
     for name, grad_clip in (("clipped", "0.5"), ("unclipped", "null")):
@@ -130,8 +130,8 @@ def test_stage_optimizer_keys_reach_the_engine(spawn, tmp_path):
 
 
 def worker_waits_for_a_missing_peer(rank: int, world: int, args: dict) -> dict:
-    from training.distributed import init_distributed
-    from training.pipeline import run_training
+    from omni_moe.training.distributed import init_distributed
+    from omni_moe.training.pipeline import run_training
 
     recipe = _recipe(args, Path(args["root"]) / "run", f"train.timeout_s={args['timeout_s']}",
                      "run.nproc_per_node=2")
@@ -161,7 +161,7 @@ SCHEDULE_RUNS = {  # name -> (schedule, warmup_steps); 8 steps each, min_lr_rati
 
 
 def worker_lr_schedules(rank: int, world: int, args: dict) -> dict:
-    from training.pipeline import build_stage, train_built_stage
+    from omni_moe.training.pipeline import build_stage, train_built_stage
 
     curves = {}
     for name, (schedule, warmup) in SCHEDULE_RUNS.items():

@@ -15,9 +15,9 @@ TARGET = "tests.distributed.test_resume_config"
 
 
 def worker_resume_with_changed_config(rank: int, world: int, args: dict) -> dict:
-    from training.recipe import load_recipe
-    from training.pipeline import build_stage, train_built_stage
-    from training.resume_config import ResumeConfigMismatch
+    from omni_moe.training.recipe import load_recipe
+    from omni_moe.training.pipeline import build_stage, train_built_stage
+    from omni_moe.training.resume_config import ResumeConfigMismatch
 
     def stage(*overrides: str):
         recipe = load_recipe("tests/distributed/loop_recipe.yaml", [

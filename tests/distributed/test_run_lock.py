@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.launching import REPO_ROOT, launcher_env, small_synth_shards
-from training.checkpoint_store import CheckpointManager
-from training.run_lock import RunLock, RunLockHeld
+from omni_moe.training.checkpoint_store import CheckpointManager
+from omni_moe.training.run_lock import RunLock, RunLockHeld
 
 RECIPE = "tests/distributed/loop_recipe.yaml"
 STAGE = "stages=[{name: experts, preset: modality_experts, steps: 3, optimizer: {lr: 1.0e-2, warmup_steps: 1}}]"

@@ -1,6 +1,6 @@
 """`omni train` end to end on real processes (2 ranks, EP=2, ZeRO-1/2, fp32, gloo), incl. crash/restart.
 
-One tiny synthetic dataset (data.synth + build_shards) is shared. Launches:
+One tiny synthetic dataset (omni_moe.data.synth + build_shards) is shared. Launches:
   * full: the loop recipe (tests/distributed/loop_recipe.yaml), all three stages, a few steps each (`omni train` re-launches itself via torchrun);
   * straight: one stage of 12 steps (the reference);
   * split: the same with train.stop_after_steps=6, then the same command again (automatic resume);
@@ -71,7 +71,7 @@ def test_full_recipe_runs_every_stage_and_exports_loadable_models(data, tmp_path
     each stage's folder loads with OmniMoeForCausalLM.from_pretrained. A re-run skips the finished stages."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     stages = ("alignment", "modality_experts", "mixed_lora")
     overrides = [f"stages.{i}.{key}" for i in range(3) for key in ("steps=8", "optimizer.lr=1.0e-2")]

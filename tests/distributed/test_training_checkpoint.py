@@ -39,7 +39,7 @@ PG_TIMEOUT_S = 60.0
 
 # ----------------------------------------------------------------------------------------------- worker side
 def _model(seed: int):
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
     from tests.tiny import tiny_config
 
     torch.manual_seed(seed)
@@ -48,8 +48,8 @@ def _model(seed: int):
 
 def _setup(model, stage: int, precision: str, ep_size: int, world: int):
     from tests.distributed.engine_setup import engine_for
-    from training.engine import build_deepspeed_config
-    from training.lr_schedule import LRSchedule
+    from omni_moe.training.engine import build_deepspeed_config
+    from omni_moe.training.lr_schedule import LRSchedule
 
     config = build_deepspeed_config(
         micro_batch_size=GLOBAL_BATCH // world, zero_stage=stage, precision=precision, gradient_clipping=1.0, lr=2e-3,
@@ -88,7 +88,7 @@ def _train(setup, rank: int, world: int, steps: range) -> tuple[list[float], lis
 
 
 def _full_state(setup) -> dict[str, torch.Tensor]:
-    from training.expert_parallel import gather_full_expert_state, is_expert_key
+    from omni_moe.training.expert_parallel import gather_full_expert_state, is_expert_key
 
     module = setup.engine.module
     state = {k: v.detach().clone() for k, v in module.state_dict().items() if not is_expert_key(k)}
@@ -117,15 +117,15 @@ def _eval_losses(setup, rank: int, world: int) -> list[float]:
 def _manager(root: str, rank: int, world: int):
     import torch.distributed as dist
 
-    from training.checkpoint_store import CheckpointManager
+    from omni_moe.training.checkpoint_store import CheckpointManager
 
     return CheckpointManager(root, keep_last=2, rank=rank, world_size=world, barrier=dist.barrier)
 
 
 def worker_save(rank: int, world: int, args: dict) -> dict:
-    from training.distributed import seed_everything
-    from training.engine_checkpoint import save_training_checkpoint
-    from training.training_state import TrainingState
+    from omni_moe.training.distributed import seed_everything
+    from omni_moe.training.engine_checkpoint import save_training_checkpoint
+    from omni_moe.training.training_state import TrainingState
 
     out = {}
     for name, (stage, precision) in RUNS.items():
@@ -151,11 +151,11 @@ def worker_save(rank: int, world: int, args: dict) -> dict:
 
 
 def worker_resume(rank: int, world: int, args: dict) -> dict:
-    from training.checkpoint_store import CheckpointIntegrityError
-    from training.deepspeed_state import MasterWeightMismatchError, check_master_weights, master_weight_fragments
-    from training.distributed import seed_everything
-    from training.engine_checkpoint import latest_training_checkpoint, load_training_checkpoint
-    from training.expert_parallel import is_expert_key
+    from omni_moe.training.checkpoint_store import CheckpointIntegrityError
+    from omni_moe.training.deepspeed_state import MasterWeightMismatchError, check_master_weights, master_weight_fragments
+    from omni_moe.training.distributed import seed_everything
+    from omni_moe.training.engine_checkpoint import latest_training_checkpoint, load_training_checkpoint
+    from omni_moe.training.expert_parallel import is_expert_key
 
     out = {}
     for name, (stage, precision) in RUNS.items():
@@ -201,14 +201,14 @@ class _Collect(logging.Handler):
 
 
 def worker_reshard(rank: int, world: int, args: dict) -> dict:
-    from training.checkpoint_files import read_json
-    from training.engine_checkpoint import LAYOUT_FILE, load_training_checkpoint, save_training_checkpoint
-    from training.training_state import TrainingState
+    from omni_moe.training.checkpoint_files import read_json
+    from omni_moe.training.engine_checkpoint import LAYOUT_FILE, load_training_checkpoint, save_training_checkpoint
+    from omni_moe.training.training_state import TrainingState
 
     model = _model(seed=123)
     setup = _setup(model, 1, "fp32", args["ep_size"], world)
     handler = _Collect()
-    logging.getLogger("training.engine_checkpoint").addHandler(handler)
+    logging.getLogger("omni_moe.training.engine_checkpoint").addHandler(handler)
     state = load_training_checkpoint(args["path"], setup, model)
     result = {
         "state": _full_state(setup), "eval": _eval_losses(setup, rank, world), "ep_rank": setup.layout.ep_rank,
@@ -348,7 +348,7 @@ def test_deepspeed_files_load_weights_only(tmp_path):
     """DeepSpeed's own loader unpickles fully; ours refuses a pickle that would run code, without running it."""
     import os
 
-    from training.deepspeed_state import safe_checkpoint_engine
+    from omni_moe.training.deepspeed_state import safe_checkpoint_engine
 
     marker = tmp_path / "pwned"
 

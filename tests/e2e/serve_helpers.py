@@ -22,7 +22,7 @@ def save_serve_model(path: Path) -> Path:
     """The tiny random omni folder with its weights nudged off their small init: untrained logits are near-uniform
     and make greedy answers fragile to compare (as in tests/unit/test_generate_media.py); nudged, the model also ends
     some answers with its end-of-turn token, so both finish reasons occur."""
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     save_tiny_omni_folder(path)
     model = OmniMoeForCausalLM.from_pretrained(str(path))

@@ -6,7 +6,7 @@ The checkpoint comes from `omni train` itself: one `mixed_lora` stage (LoRA on a
 plus routers and projectors) for 3 steps on 2 processes with expert parallelism 2, on a tiny synthetic dataset.
 The fresh process: `python -I -S` (no PYTHON* variables, no user site, no .pth processing -- so the editable
 install of this project never hooks in), the venv's site-packages appended by hand, cwd outside the repository,
-a private HF_HOME; it checks that `import modeling` / `import omni` fail before loading anything.
+a private HF_HOME; it checks that `import omni_moe` / `import omni` fail before loading anything.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ FRESH_PROCESS = r"""
 import importlib.util, json, sys
 from pathlib import Path
 sys.path.append(sys.argv[1])
-probe = {name: importlib.util.find_spec(name) is not None for name in ("modeling", "omni", "training")}
+probe = {name: importlib.util.find_spec(name) is not None for name in ("omni_moe", "omni", "modeling", "training")}
 import numpy as np, torch
 from PIL import Image
 from peft import PeftModel
@@ -104,9 +104,9 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """OUTPUT of `omni train`: one mixed_lora stage, EP=2 on 2 processes, checkpoints at steps 2 and 3."""
-    from data.quality import DropPolicy
-    from data.shards import build_shards
-    from data.synth import generate
+    from omni_moe.data.quality import DropPolicy
+    from omni_moe.data.shards import build_shards
+    from omni_moe.data.synth import generate
 
     root = tmp_path_factory.mktemp("export_run")
     manifest = generate(root / "synth", seed=0, splits={"train": 22})["train"]
@@ -139,7 +139,7 @@ def exports(run, checkpoint, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
     """One conversation per modality: text only, an image, a video, an audio clip (the synthetic set's renderers)."""
-    from data.synth import plan_sample, render_image, render_video, synth_digit_audio
+    from omni_moe.data.synth import plan_sample, render_image, render_video, synth_digit_audio
 
     folder = tmp_path_factory.mktemp("media")
     tasks = ["text_copy", "image_colour", "video_direction", "audio_transcribe"]
@@ -192,7 +192,7 @@ def test_fresh_isolated_process_reproduces_the_checkpoint_logits(fresh, checkpoi
     from omni.loading import checkpoint_processor, read_checkpoint_spec
 
     report = fresh["report"]
-    assert report["importable"] == {"modeling": False, "omni": False, "training": False}, report
+    assert report["importable"] == {"omni_moe": False, "omni": False, "modeling": False, "training": False}, report
     assert not any(str(REPO_ROOT) == p or p in ("", ".") for p in report["sys_path"]), report["sys_path"]
     assert report["model_module"].startswith("transformers_modules."), report  # the folder's own code ran
     assert report["processor_module"].startswith("transformers_modules."), report
@@ -290,7 +290,7 @@ def test_stage_and_run_folders_resolve_to_the_latest_checkpoint(run, checkpoint)
 
 def test_flipped_byte_in_an_expert_file_is_a_named_integrity_error(checkpoint, tmp_path):
     from omni.loading import load_model_and_processor
-    from training.checkpoint_store import CheckpointIntegrityError
+    from omni_moe.training.checkpoint_store import CheckpointIntegrityError
 
     copy = tmp_path / "checkpoints" / checkpoint.name
     shutil.copytree(checkpoint, copy)
@@ -313,9 +313,9 @@ def test_expert_lora_factors_reassemble_by_global_id_at_any_ep_size(ep_size):
     from peft.tuners.lora import ParamWrapper
     from torch import nn
 
-    from modeling.moe import GroupedExperts
+    from omni_moe.modeling.moe import GroupedExperts
     from omni.loading import _place_lora_factor
-    from training.expert_parallel import global_expert_ids
+    from omni_moe.training.expert_parallel import global_expert_ids
 
     num_experts = 10
     config = LoraConfig(r=3, lora_alpha=6, target_parameters=["experts.gate_up_proj", "experts.down_proj"])

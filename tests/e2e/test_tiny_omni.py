@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.recipe import load_recipe
+from omni_moe.training.recipe import load_recipe
 from tests.launching import run_in_session
 
 RECIPE = "recipes/tiny_omni.yaml"
@@ -58,10 +58,10 @@ def ci_overrides(root: Path) -> list[str]:
 def train_set_loss(model_dir: Path, synth: Path, moe: dict | None = None) -> float:
     """Teacher-forced cross-entropy of an exported stage model on the whole (tiny) train set, in one batch; `moe`:
     a stage's `moe:` overrides applied first (the model that stage starts from, e.g. with the inter pool on)."""
-    from data.collate import OmniCollator
-    from data.reader import ShardDataset
+    from omni_moe.data.collate import OmniCollator
+    from omni_moe.data.reader import ShardDataset
     from omni.loading import load_model_and_processor
-    from training.freeze import apply_moe_overrides
+    from omni_moe.training.freeze import apply_moe_overrides
 
     model, processor = load_model_and_processor(model_dir)
     if moe:
@@ -147,7 +147,7 @@ def test_alignment_leaves_the_llm_bitwise_equal_to_the_dense_checkpoint(run):
 
 @pytest.mark.timeout(TIMEOUT_S)
 def test_modality_experts_on_image_data_leaves_other_pools_bitwise_unchanged(run, tmp_path):
-    from modeling.configuration_omni import OmniMoeConfig
+    from omni_moe.modeling.configuration_omni import OmniMoeConfig
 
     start = run["run"] / "alignment" / "model"
     stage = ("stages=[{name: image_experts, preset: {name: modality_experts, modalities: [image]}, steps: 3, "

@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.moe import OmniSparseMoeBlock
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.moe import OmniSparseMoeBlock
 from tests.tiny import tiny_llm_fields
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (launch/gpu_check.sh)")

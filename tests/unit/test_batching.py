@@ -6,21 +6,21 @@ import random
 
 import pytest
 
-from data.batching import (
+from omni_moe.data.batching import (
     ModalityGroupedBatching,
     PackedBatching,
     TokenBudgetBatching,
     iter_batches,
     make_batching,
 )
-from data.collate import OmniCollator
-from data.loader import ResumableLoader
-from data.quality import DropPolicy
-from data.reader import ShardDataset, Tagged
-from data.shards import build_shards
-from data.synth import generate
-from data.tokenizer import build_bpe_tokenizer
-from modeling.processing_omni import OmniMoeProcessor
+from omni_moe.data.collate import OmniCollator
+from omni_moe.data.loader import ResumableLoader
+from omni_moe.data.quality import DropPolicy
+from omni_moe.data.reader import ShardDataset, Tagged
+from omni_moe.data.shards import build_shards
+from omni_moe.data.synth import generate
+from omni_moe.data.tokenizer import build_bpe_tokenizer
+from omni_moe.modeling.processing_omni import OmniMoeProcessor
 from omni.demo import SENTENCES, tiny_omni_config
 
 NUM_SAMPLES = 64  # 8 shards of 8: splits evenly over 2 workers

@@ -14,7 +14,7 @@ import torch
 from transformers import Qwen2ForCausalLM, SiglipVisionModel, WhisperModel
 
 from tests.tiny import tiny_audio_config, tiny_qwen2_config, tiny_vision_config
-from training.build import build_model, meta_model, plan_model
+from omni_moe.training.build import build_model, meta_model, plan_model
 
 IDS = {"<|image|>": 90, "<|video|>": 91, "<|audio|>": 92}
 

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint_files import load_tensors, safe_torch_load, save_tensors
-from training.checkpoint_store import (
+from omni_moe.training.checkpoint_files import load_tensors, safe_torch_load, save_tensors
+from omni_moe.training.checkpoint_store import (
     COMMITTED,
     MANIFEST,
     CheckpointCommitError,
     CheckpointIntegrityError,
     CheckpointManager,
 )
-from training.rng import capture_rng_state, load_rng_state, restore_rng_state, save_rng_state
-from training.secret_scrub import scrub_secrets
-from training.training_state import TrainingState
+from omni_moe.training.rng import capture_rng_state, load_rng_state, restore_rng_state, save_rng_state
+from omni_moe.training.secret_scrub import scrub_secrets
+from omni_moe.training.training_state import TrainingState
 
 CANARY = "hf_CANARYcanary0123456789abcdefXYZ"
 
@@ -88,7 +88,7 @@ def test_folder_without_committed_marker_is_ignored(tmp_path, caplog):
     good = write_step(manager, 2)
     newest = write_step(manager, 4)
     (newest / COMMITTED).unlink()
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint_store"):
+    with caplog.at_level(logging.WARNING, logger="omni_moe.training.checkpoint_store"):
         assert manager.latest_valid() == good
     assert "step-000004" in caplog.text and COMMITTED in caplog.text
     assert [step for step, _ in manager.committed_steps()] == [2]

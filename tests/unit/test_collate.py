@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.collate import OmniCollator, block_causal_mask
-from data.quality import SampleRejected
-from data.reader import ShardDataset
-from data.shards import build_shards
-from data.synth import generate
-from data.tokenizer import build_bpe_tokenizer
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.processing_omni import IGNORE_INDEX, OmniMoeProcessor
+from omni_moe.data.collate import OmniCollator, block_causal_mask
+from omni_moe.data.quality import SampleRejected
+from omni_moe.data.reader import ShardDataset
+from omni_moe.data.shards import build_shards
+from omni_moe.data.synth import generate
+from omni_moe.data.tokenizer import build_bpe_tokenizer
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.processing_omni import IGNORE_INDEX, OmniMoeProcessor
 from omni.demo import SENTENCES, tiny_omni_config
 
 
@@ -198,7 +198,7 @@ def test_batches_cross_process_boundaries_intact(setup):
     import pickle
     from multiprocessing.reduction import ForkingPickler
 
-    from data.collate import INLINE_TENSOR_BYTES
+    from omni_moe.data.collate import INLINE_TENSOR_BYTES
 
     _, collator, _, by_modality = setup
     packed = collator([[by_modality["video"][0], by_modality["text"][0]], [by_modality["audio"][0]]])
@@ -211,8 +211,8 @@ def test_batches_cross_process_boundaries_intact(setup):
 
 def test_loader_workers_deliver_what_the_main_process_collates(setup):
     """Packed batches made in 2 real worker processes equal collating the same rows here."""
-    from data.batching import make_batching
-    from data.loader import ResumableLoader
+    from omni_moe.data.batching import make_batching
+    from omni_moe.data.loader import ResumableLoader
 
     _, collator, samples, _ = setup
     by_id = {s["id"]: s for s in samples}

@@ -9,9 +9,9 @@ import pytest
 from omni.cli import main
 from omni.loading import load_model_and_processor
 from tests.tiny import save_tiny_omni_folder, tiny_config
-from training.checkpoint_store import CheckpointManager
-from training.engine_checkpoint import DENSE_FILE, LAYOUT_FILE, MODEL_CONFIG_FILE
-from training.weights_files import CorruptFileError
+from omni_moe.training.checkpoint_store import CheckpointManager
+from omni_moe.training.engine_checkpoint import DENSE_FILE, LAYOUT_FILE, MODEL_CONFIG_FILE
+from omni_moe.training.weights_files import CorruptFileError
 
 NOT_SAFETENSORS = b"\xff" * 64  # an 8-byte header length far beyond the file: "header too large"
 
@@ -20,7 +20,7 @@ NOT_SAFETENSORS = b"\xff" * 64  # an 8-byte header length far beyond the file: "
 def sealed_corrupt_checkpoint(tmp_path):
     """A committed checkpoint (manifest and COMMITTED written over the bad bytes) whose dense file is not
     safetensors."""
-    from training.engine_checkpoint import LAYOUT_FORMAT, LAYOUT_FORMAT_VERSION
+    from omni_moe.training.engine_checkpoint import LAYOUT_FORMAT, LAYOUT_FORMAT_VERSION
 
     manager = CheckpointManager(tmp_path / "checkpoints", keep_last=None)
     staged = manager.begin(1)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from modeling.configuration_omni import OmniMoeConfig
-from training.cost_model import Hardware, all_to_all_bytes_per_token, forward_flops_per_token, stage_cost
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.training.cost_model import Hardware, all_to_all_bytes_per_token, forward_flops_per_token, stage_cost
 from tests.unit.test_dry_run import RECIPE, overrides, recipe_with  # noqa: F401 (fixtures)
 
 # h 64, 4 heads x 16, 2 KV heads, vocab 100; layer 0 dense (I 128), layer 1 MoE: 2 intra x 4 modalities + 2 inter
@@ -85,7 +85,7 @@ def test_hardware_from_the_environment(monkeypatch):
 
 
 def test_the_dry_run_prints_the_cost_per_stage_at_the_stated_hardware(recipe_with, monkeypatch):  # noqa: F811
-    from training.dry_run import dry_run_report
+    from omni_moe.training.dry_run import dry_run_report
 
     monkeypatch.setenv("NNODES", "4")
     monkeypatch.setenv("OMNI_PEAK_TFLOPS", "500")

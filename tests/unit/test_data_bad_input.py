@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from data.loader import ResumableLoader
-from data.media import (
+from omni_moe.data.loader import ResumableLoader
+from omni_moe.data.media import (
     MediaLimits,
     decode_audio,
     decode_image,
@@ -23,10 +23,10 @@ from data.media import (
     evenly_spaced,
     have_video_container_decoder,
 )
-from data.quality import BadSampleError, DropPolicy, DropRateExceeded, MediaDecoderUnavailable, SampleRejected
-from data.reader import ShardDataset
-from data.shards import build_shards
-from data.testing import image_bytes, sample_json, sine, wav_bytes, write, write_raw_shard
+from omni_moe.data.quality import BadSampleError, DropPolicy, DropRateExceeded, MediaDecoderUnavailable, SampleRejected
+from omni_moe.data.reader import ShardDataset
+from omni_moe.data.shards import build_shards
+from omni_moe.data.testing import image_bytes, sample_json, sine, wav_bytes, write, write_raw_shard
 
 LENIENT = DropPolicy(max_drop_rate=None)
 
@@ -246,7 +246,7 @@ def test_decoders_bound_their_output_and_name_the_cap():
 
 @pytest.mark.skipif(not have_video_container_decoder(), reason="PyAV (the 'video' extra) is not installed")
 def test_video_container_frames_are_sampled_while_decoding(tmp_path):
-    from data.testing import mp4_bytes
+    from omni_moe.data.testing import mp4_bytes
 
     data = mp4_bytes(frames=40, fps=8)
     all_frames, fps = decode_video_container(data, "v")
@@ -301,7 +301,7 @@ def test_writer_rejects_hostile_paths_and_decodes_audio_as_the_reader_will(tmp_p
 
 def test_an_oversized_manifest_line_is_counted_and_the_next_line_still_read(tmp_path):
     """A runaway JSONL line is read in bounded pieces and rejected under its own counter; nothing after it is lost."""
-    from data.importers import count_manifest_records, read_manifest
+    from omni_moe.data.importers import count_manifest_records, read_manifest
 
     manifest = tmp_path / "m.jsonl"
     small = json.dumps({"id": "a", "messages": []})
@@ -324,7 +324,7 @@ def test_an_oversized_manifest_line_is_counted_and_the_next_line_still_read(tmp_
 
 
 def test_oversized_shard_members_are_rejected_before_decoding():
-    from data.reader import decode_raw_sample
+    from omni_moe.data.reader import decode_raw_sample
 
     sample = {**good("big"), "__url__": "shard-000000.tar"}  # as the tar reader yields it
     assert decode_raw_sample(sample)["id"] == "big"

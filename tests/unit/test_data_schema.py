@@ -8,10 +8,10 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from data import quality
-from data.importers import llava_to_canonical, read_manifest, to_canonical
-from data.quality import BadSampleError, DropCounters, DropPolicy, DropRateExceeded, SampleRejected
-from data.schema import (
+from omni_moe.data import quality
+from omni_moe.data.importers import llava_to_canonical, read_manifest, to_canonical
+from omni_moe.data.quality import BadSampleError, DropCounters, DropPolicy, DropRateExceeded, SampleRejected
+from omni_moe.data.schema import (
     check_length,
     make_token_length_fn,
     primary_modality,

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.loader import ResumableLoader
-from data.media import DEFAULT_LIMITS, _read_with_soundfile, _read_with_wave, decode_audio, resample_audio
-from data.mixing import MixedShardDataset
-from data.reader import ShardDataset, assign_shards
-from data.shards import build_shards, load_index, shard_key
-from data.testing import image_bytes, make_manifest, sine, wav_bytes, write
+from omni_moe.data.loader import ResumableLoader
+from omni_moe.data.media import DEFAULT_LIMITS, _read_with_soundfile, _read_with_wave, decode_audio, resample_audio
+from omni_moe.data.mixing import MixedShardDataset
+from omni_moe.data.reader import ShardDataset, assign_shards
+from omni_moe.data.shards import build_shards, load_index, shard_key
+from omni_moe.data.testing import image_bytes, make_manifest, sine, wav_bytes, write
 
 
 @pytest.fixture(scope="module")

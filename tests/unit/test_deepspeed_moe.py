@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 from tests.tiny import tiny_config
-from training.deepspeed_moe import (
+from omni_moe.training.deepspeed_moe import (
     MARKER_ATTR,
     ExpertParallelLayout,
     check_ready_for_engine,
@@ -14,7 +14,7 @@ from training.deepspeed_moe import (
     install_moe_markers,
     tag_expert_parameters,
 )
-from training.expert_parallel import moe_blocks, shard_experts
+from omni_moe.training.expert_parallel import moe_blocks, shard_experts
 
 
 def test_check_ready_for_engine_names_the_missing_step():

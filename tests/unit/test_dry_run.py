@@ -64,7 +64,7 @@ def overrides(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def recipe_with(overrides):
-    from training.recipe import load_recipe
+    from omni_moe.training.recipe import load_recipe
 
     return lambda *extra: load_recipe(RECIPE, [*overrides, *extra])
 
@@ -117,7 +117,7 @@ def test_the_arithmetic_matches_the_published_qwen25_7b_size():
 def test_real_scale_dry_run_reads_configs_only_and_reports_counts_layout_and_memory(overrides, capsys,
                                                                                      monkeypatch):
     from omni.cli import main
-    from training.recipe import load_recipe
+    from omni_moe.training.recipe import load_recipe
 
     monkeypatch.setenv("NNODES", "4")
     assert main(["train", str(RECIPE), "--dry-run", *overrides]) == 0
@@ -141,7 +141,7 @@ def test_real_scale_dry_run_reads_configs_only_and_reports_counts_layout_and_mem
 def test_memory_formula_on_a_hand_computed_case():
     """weights (P_dense + P_expert / E) x 4; ZeRO-2 fp32 gradients 4 bytes / N; AdamW moments 8 bytes / N, with
     N = W for dense and W / E for expert parameters."""
-    from training.dry_run import state_bytes
+    from omni_moe.training.dry_run import state_bytes
 
     got = state_bytes(100, 80, 10, 40, world_size=4, ep_size=2, zero_stage=2, precision="fp32")
     assert got == ((100 + 40) * 4, 10 * 4 / 4 + 20 * 4 / 2, 10 * 8 / 4 + 20 * 8 / 2)
@@ -150,7 +150,7 @@ def test_memory_formula_on_a_hand_computed_case():
 
 
 def test_memory_moves_the_right_way_with_zero_stage_ep_size_world_and_checkpointing(recipe_with, monkeypatch):
-    from training.dry_run import resolve_model_config, stage_memory
+    from omni_moe.training.dry_run import resolve_model_config, stage_memory
 
     config, _ = resolve_model_config(recipe_with())
 
@@ -178,8 +178,8 @@ def test_memory_moves_the_right_way_with_zero_stage_ep_size_world_and_checkpoint
 
 
 def test_dry_run_names_a_bad_expert_parallel_size(recipe_with, monkeypatch):
-    from training.dry_run import dry_run_report
-    from training.recipe import RecipeError
+    from omni_moe.training.dry_run import dry_run_report
+    from omni_moe.training.recipe import RecipeError
 
     monkeypatch.setenv("NNODES", "1")
     # 16 routed experts do not split over 3 ranks (nproc 6 so that recipe validation lets ep_size=3 through)

@@ -22,9 +22,9 @@ from transformers import (
     WhisperModel,
 )
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.encoders import AudioEncoder, VisionEncoder
-from modeling.media import (
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.encoders import AudioEncoder, VisionEncoder
+from omni_moe.modeling.media import (
     OmniMediaTower,
     audio_chunk_count,
     audio_seconds_per_token,
@@ -34,7 +34,7 @@ from modeling.media import (
     video_token_count,
     video_token_grid,
 )
-from modeling.projectors import MLPProjector, QFormerConnector, pool_grid, pool_sequence
+from omni_moe.modeling.projectors import MLPProjector, QFormerConnector, pool_grid, pool_sequence
 
 torch.manual_seed(0)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=40, patch_size=8)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data.synth import TASKS, generate
+from omni_moe.data.synth import TASKS, generate
 from omni.cli import main
 from omni.loading import load_model_and_processor
 from tests.tiny import save_tiny_omni_folder
-from training.evaluation import evaluate, generate_answers, load_split
-from training.scoring import exact_match, token_f1, word_edits
+from omni_moe.training.evaluation import evaluate, generate_answers, load_split
+from omni_moe.training.scoring import exact_match, token_f1, word_edits
 
 SAMPLES_PER_TASK = 2
 

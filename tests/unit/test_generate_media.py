@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from data.tokenizer import build_bpe_tokenizer
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.processing_omni import OmniMoeProcessor
+from omni_moe.data.tokenizer import build_bpe_tokenizer
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.processing_omni import OmniMoeProcessor
 from omni.demo import SENTENCES, demo_batch, tiny_omni_config
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 
-from modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
 from omni.benchmarks.gpu import PRESETS
-from training.cost_model import forward_flops_per_token
+from omni_moe.training.cost_model import forward_flops_per_token
 from tests.launching import REPO_ROOT, launcher_env, run_in_session
 
 

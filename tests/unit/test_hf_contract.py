@@ -30,8 +30,8 @@ import unittest
 
 import torch
 
-from modeling.media import audio_token_count, image_token_count
-from modeling.modeling_omni import OmniMoeForCausalLM, OmniMoeModel
+from omni_moe.modeling.media import audio_token_count, image_token_count
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM, OmniMoeModel
 from tests.hf_upstream import one_torch_thread, upstream_module  # noqa: F401 (autouse fixture)
 from tests.tiny import tiny_config
 

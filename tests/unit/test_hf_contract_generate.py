@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 from tests.hf_upstream import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.tiny import tiny_config
 

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, Trainer, TrainingArguments
 
-from modeling.modeling_omni import OmniMoeForCausalLM, OmniMoeModel
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM, OmniMoeModel
 from tests.hf_upstream import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.tiny import tiny_config
 

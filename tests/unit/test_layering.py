@@ -1,5 +1,9 @@
 """The dependency direction omni -> training -> {modeling, data}, and modeling/'s import whitelist.
 
+The folders data/, training/ and modeling/ install as `omni_moe.data`, `omni_moe.training`, `omni_moe.modeling`
+(pyproject.toml's package-dir): every import names them so, never by the bare folder name, which the repository root
+on sys.path would load a second time as a different module.
+
 modeling/ ships next to exported weights (trust_remote_code), so it may import only torch, transformers, safetensors,
 numpy, the standard library, and its own files through relative imports.
 """
@@ -12,22 +16,30 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELING_ALLOWED = {"torch", "transformers", "safetensors", "numpy"} | set(sys.stdlib_module_names) | {"__future__"}
+NS = "omni_moe"
+BARE = {"data", "training", "modeling"}  # the folders' own names: never imported as such
 FORBIDDEN = {
-    "modeling": {"training", "omni", "data", "deepspeed", "peft", "webdataset", "accelerate"},
-    "data": {"training", "omni"},
+    "modeling": {f"{NS}.training", "omni", f"{NS}.data", "deepspeed", "peft", "webdataset", "accelerate"},
+    "data": {f"{NS}.training", "omni"},
     "training": {"omni"},
 }
 
 
 def imports_of(path: Path):
-    """(top-level module, level, line) for every import statement in a file."""
+    """(top-level module, level, line) for every import statement in a file; `omni_moe.<package>` counts as one
+    top-level name."""
     tree = ast.parse(path.read_text(), filename=str(path))
+
+    def top(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] == NS else parts[0]
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name.split(".")[0], 0, node.lineno
+                yield top(alias.name), 0, node.lineno
         elif isinstance(node, ast.ImportFrom):
-            yield (node.module or "").split(".")[0], node.level, node.lineno
+            yield top(node.module or ""), node.level, node.lineno
 
 
 def python_files(package: str):
@@ -43,6 +55,18 @@ def test_no_upward_imports(package):
         if level == 0 and mod in FORBIDDEN[package]
     ]
     assert not bad, "imports against the layering omni -> training -> {modeling, data}:\n" + "\n".join(bad)
+
+
+def test_no_bare_package_names():
+    """`import data...` / `from training...` anywhere (tests included) would be a second copy of the package."""
+    files = [p for folder in ("omni", "data", "training", "modeling", "tests", "launch") for p in python_files(folder)]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {mod}"
+        for path in files
+        for mod, level, line in imports_of(path)
+        if level == 0 and mod in BARE
+    ]
+    assert not bad, f"import these as {NS}.<package>:\n" + "\n".join(bad)
 
 
 def test_modeling_imports_only_whitelist_and_relative():
@@ -71,15 +95,22 @@ def test_modeling_is_flat():
 def test_checker_sees_a_violation(tmp_path):
     """The checker itself must flag a bad import (guards against a parser that silently finds nothing)."""
     bad = tmp_path / "bad.py"
-    bad.write_text("import deepspeed\nfrom training.loop import x\nfrom . import sibling\n")
+    bad.write_text("import deepspeed\nfrom omni_moe.training.loop import x\nfrom . import sibling\nimport omni_moe.data.schema\n")
     found = {(mod, level) for mod, level, _ in imports_of(bad)}
-    assert ("deepspeed", 0) in found and ("training", 0) in found and ("", 1) in found
+    assert ("deepspeed", 0) in found and ("omni_moe.training", 0) in found and ("", 1) in found
+    assert ("data", 0) in found
+
+
+
+
+INSTALLED_AS = {"omni": "omni", "training": "omni_moe.training", "data": "omni_moe.data"}
 
 
 def module_graph(packages=("omni", "training", "data")) -> dict[str, set[str]]:
-    """module -> the modules of ours it imports, wherever the import statement sits (a function-level import is
-    still a dependency: hiding a cycle inside a function does not remove it)."""
-    names = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for pkg in packages for p in python_files(pkg)}
+    """module (its installed name) -> the modules of ours it imports, wherever the import statement sits (a
+    function-level import is still a dependency: hiding a cycle inside a function does not remove it)."""
+    names = {".".join((INSTALLED_AS[pkg], *p.relative_to(ROOT / pkg).with_suffix("").parts)): p
+             for pkg in packages for p in python_files(pkg)}
     names = {n.removesuffix(".__init__"): p for n, p in names.items()}
     graph = {}
     for name, path in names.items():
@@ -125,7 +156,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles_in_omni_training_and_data():
     graph = module_graph()
-    assert "training.pipeline" in graph["omni.train"] and graph["omni.cli"], "the graph finder found nothing"
+    assert "omni_moe.training.pipeline" in graph["omni.train"] and graph["omni.cli"], "the graph finder found nothing"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle (function-level imports count): " + " -> ".join(cycle)
 

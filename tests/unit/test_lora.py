@@ -4,11 +4,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.moe import GroupedExperts
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.moe import GroupedExperts
 from tests.tiny import tiny_config
 from tests.unit.test_stages import media_batch
-from training.lora import (
+from omni_moe.training.lora import (
     TRAINED_BASE_FILE,
     attach_lora,
     expert_lora_parameters,
@@ -18,8 +18,8 @@ from training.lora import (
     save_adapter,
     unwrap_model,
 )
-from training.freeze import apply_stage, prepare_model_for_stage, trainable_param_groups
-from training.stage_spec import StageSpec
+from omni_moe.training.freeze import apply_stage, prepare_model_for_stage, trainable_param_groups
+from omni_moe.training.stage_spec import StageSpec
 
 # peft itself calls a transformers API that transformers 5 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

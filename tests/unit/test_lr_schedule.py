@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.lr_schedule import LRSchedule, StageLRScheduler, lr_factor
+from omni_moe.training.lr_schedule import LRSchedule, StageLRScheduler, lr_factor
 
 WARMUP, TOTAL, MIN = 4, 14, 0.1  # warmup steps 0..3, decay from step 3 (factor 1) to step 13 (factor MIN)
 

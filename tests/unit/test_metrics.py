@@ -6,9 +6,9 @@ import random
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from modeling.moe import OmniSparseMoeBlock
+from omni_moe.modeling.moe import OmniSparseMoeBlock
 from tests.tiny import tiny_config
-from training.metrics import LossSpikeDetector, MetricsWriter, RouterHealth
+from omni_moe.training.metrics import LossSpikeDetector, MetricsWriter, RouterHealth
 
 
 def routed(block, tokens=512, seed=0):

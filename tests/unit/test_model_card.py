@@ -10,7 +10,7 @@ import yaml
 from omni.loading import RunLocation
 from omni.model_card import format_ids, parse_front_matter, render_model_card
 from tests.tiny import tiny_config
-from training.scoring import Prediction, score_predictions
+from omni_moe.training.scoring import Prediction, score_predictions
 
 CANARY = "hf_CANARY_model_card_4c1d9e"
 EVAL = {"per_modality": {"text": 1.0, "image": 0.875, "video": 0.5, "audio": 0.25},

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.media import audio_chunk_count, audio_token_count, image_token_count, video_token_count
-from modeling.modeling_omni import FRESH_VISION_POSITION_STD, OmniMoeForCausalLM
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.media import audio_chunk_count, audio_token_count, image_token_count, video_token_count
+from omni_moe.modeling.modeling_omni import FRESH_VISION_POSITION_STD, OmniMoeForCausalLM
 from tests.tiny import AUDIO_ID, IMAGE_ID, VIDEO_ID, VOCAB, right_padded, tiny_config, tiny_vision_config
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Qwen2ForCausalLM
 
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.upcycle import upcycle
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.upcycle import upcycle
 from tests.tiny import tiny_config, tiny_qwen2_config
 
 TOL = dict(rtol=0, atol=1e-5)

@@ -10,10 +10,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-from modeling import experts as experts_module
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.moe import GroupedExperts, LocalDispatcher, OmniSparseMoeBlock
+from omni_moe.modeling import experts as experts_module
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.moe import GroupedExperts, LocalDispatcher, OmniSparseMoeBlock
 from tests.tiny import tiny_config
 
 D, FFN, SHARED_FFN = 32, 48, 40

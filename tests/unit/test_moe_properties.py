@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.moe import LocalDispatcher, OmniSparseMoeBlock
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.moe import LocalDispatcher, OmniSparseMoeBlock
 
 D = 8
 MODALITY_NAMES = ["text", "image", "video", "audio"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from data.synth import generate
+from omni_moe.data.synth import generate
 from omni.cli import build_parser, main
 from omni.serve import build_server
 from tests.tiny import save_tiny_omni_folder

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling.positions import MediaSpan, build_position_ids
+from omni_moe.modeling.positions import MediaSpan, build_position_ids
 
 
 def test_text_only_is_arange_on_all_rows():

@@ -18,8 +18,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, WhisperFeatureExtractor
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.media import (
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.media import (
     audio_chunk_count,
     audio_seconds_per_token,
     audio_token_count,
@@ -28,10 +28,10 @@ from modeling.media import (
     video_token_count,
     video_token_grid,
 )
-from modeling.positions import MediaSpan, build_position_ids
-from modeling.processing_omni import IGNORE_INDEX, OmniMoeProcessor, count_media_parts
-from data.tokenizer import build_bpe_tokenizer
-from modeling.tokenizer_utils import SPECIAL_TOKENS, ensure_special_tokens
+from omni_moe.modeling.positions import MediaSpan, build_position_ids
+from omni_moe.modeling.processing_omni import IGNORE_INDEX, OmniMoeProcessor, count_media_parts
+from omni_moe.data.tokenizer import build_bpe_tokenizer
+from omni_moe.modeling.tokenizer_utils import SPECIAL_TOKENS, ensure_special_tokens
 from tests.tiny import tiny_audio_config, tiny_llm_fields, tiny_vision_config
 
 TEXTS = [
@@ -145,7 +145,7 @@ def test_build_bpe_tokenizer_is_deterministic_with_specials_and_template(tokeniz
 
 
 def test_bpe_from_a_manifest_learns_the_chat_template_role_lines(tmp_path):
-    from training.build import manifest_texts
+    from omni_moe.training.build import manifest_texts
 
     manifest = tmp_path / "train.jsonl"
     with manifest.open("w") as handle:
@@ -409,7 +409,7 @@ def test_save_pretrained_round_trip_without_one_sub_processor(tokenizer, absent,
 FRESH_AUTO_PROCESSOR = r"""
 import importlib.util, json, sys
 sys.path.append(sys.argv[1])
-assert importlib.util.find_spec("modeling") is None, "the project is importable"
+assert importlib.util.find_spec("omni_moe") is None, "the project is importable"
 from transformers import AutoProcessor
 processor = AutoProcessor.from_pretrained(sys.argv[2], trust_remote_code=True)
 conv = [[{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.recipe import RecipeError, apply_overrides, load_recipe
+from omni_moe.training.recipe import RecipeError, apply_overrides, load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = REPO_ROOT / "recipes" / "tiny_omni.yaml"
@@ -101,8 +101,8 @@ def test_a_pretrained_llms_tokenizer_gets_the_media_placeholders(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from modeling.configuration_omni import OmniMoeConfig
-    from training.build import load_tokenizer, placeholder_ids
+    from omni_moe.modeling.configuration_omni import OmniMoeConfig
+    from omni_moe.training.build import load_tokenizer, placeholder_ids
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -131,7 +131,7 @@ def test_upcycling_refuses_a_tokenizer_longer_than_the_checkpoints_embeddings(tm
 
     from transformers import Qwen2Config
 
-    from training.build import plan_model
+    from omni_moe.training.build import plan_model
 
     dense = tmp_path / "dense"
     dense.mkdir()
@@ -155,7 +155,7 @@ def test_a_bf16_run_builds_every_stage_model_in_bf16(tmp_path):
     from transformers import Qwen2ForCausalLM
 
     from tests.tiny import tiny_qwen2_config
-    from training.build import build_model, compute_dtype, plan_model
+    from omni_moe.training.build import build_model, compute_dtype, plan_model
 
     Qwen2ForCausalLM(tiny_qwen2_config()).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
     ids = {"<|image|>": 90, "<|video|>": 91, "<|audio|>": 92}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.launching import small_synth_shards
-from training.recipe import load_recipe
+from omni_moe.training.recipe import load_recipe
 
 RECIPE = "tests/distributed/loop_recipe.yaml"
 ONE_PROCESS = ["run.nproc_per_node=1", "parallel.ep_size=1"]
@@ -31,7 +31,7 @@ def recipe_for(synth: dict, output, *overrides: str):
 
 @pytest.fixture(scope="module")
 def built(synth, tmp_path_factory):
-    from training.pipeline import build_stage
+    from omni_moe.training.pipeline import build_stage
 
     output = tmp_path_factory.mktemp("run")
     recipe = recipe_for(synth, output, "model.config.hidden_size=32", "model.tokenizer.vocab_size=300")
@@ -39,7 +39,7 @@ def built(synth, tmp_path_factory):
 
 
 def test_build_stage_follows_run_model_and_data_keys(built, synth, tmp_path):
-    from training.build import load_tokenizer
+    from omni_moe.training.build import load_tokenizer
 
     recipe, stage = built
     output_dir = recipe.run.output_dir
@@ -59,7 +59,7 @@ def test_build_stage_follows_run_model_and_data_keys(built, synth, tmp_path):
 
 
 def test_run_seed_sets_the_initial_weights(built, synth):
-    from training.pipeline import build_stage
+    from omni_moe.training.pipeline import build_stage
 
     recipe, stage = built
     output = recipe.run.output_dir  # the tokenizer is already there
@@ -79,8 +79,8 @@ def _epoch(loader) -> list:
 
 
 def test_loader_follows_the_data_section_and_the_stage_mix(built, synth, tmp_path):
-    from data.batching import make_batching
-    from training.build import build_loader
+    from omni_moe.data.batching import make_batching
+    from omni_moe.training.build import build_loader
 
     _, stage = built
 
@@ -124,7 +124,7 @@ def test_loader_follows_the_data_section_and_the_stage_mix(built, synth, tmp_pat
 
 def test_model_from_loads_the_named_folder(tmp_path):
     from tests.tiny import save_tiny_omni_folder
-    from training.build import build_model, plan_model
+    from omni_moe.training.build import build_model, plan_model
 
     folder = save_tiny_omni_folder(tmp_path / "tiny", seed=3)
     recipe = load_recipe(RECIPE, ["model.config=null", "model.tokenizer=null", f"model.from={folder}", *ONE_PROCESS,
@@ -133,7 +133,7 @@ def test_model_from_loads_the_named_folder(tmp_path):
     plan = plan_model(recipe, recipe.stages[0])
     assert plan.kind == "folder" and plan.folder == str(folder)
     model = build_model(plan, torch.float32)
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 
     saved = OmniMoeForCausalLM.from_pretrained(str(folder))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), saved.parameters()))
@@ -142,7 +142,7 @@ def test_model_from_loads_the_named_folder(tmp_path):
 def test_model_dense_and_upcycle_plan_the_stage_models():
     """recipes/tiny_omni.yaml: a dense_pretrain stage trains the LLM model.dense describes; the next stage upcycles
     it with model.upcycle's MoE fields (planned from config files alone, before the dense stage has run)."""
-    from training.build import plan_model
+    from omni_moe.training.build import plan_model
 
     recipe = load_recipe("recipes/tiny_omni.yaml", ["model.dense.hidden_size=64", "model.dense.num_hidden_layers=3",
                                                     "model.upcycle.num_intra_experts=3",
@@ -157,14 +157,14 @@ def test_model_dense_and_upcycle_plan_the_stage_models():
 
 
 def _stage_eval():
-    from training.stage_eval import evaluate_stage
+    from omni_moe.training.stage_eval import evaluate_stage
 
     return evaluate_stage
 
 
 @pytest.fixture(scope="module")
 def eval_data(tmp_path_factory):
-    from data.synth import generate
+    from omni_moe.data.synth import generate
     from tests.tiny import save_tiny_omni_folder
 
     root = tmp_path_factory.mktemp("eval")
@@ -207,7 +207,7 @@ def test_eval_examples_is_the_number_of_chat_answers(eval_data, tmp_path, capsys
     import shutil
 
     from omni.run_summary import finish_run
-    from training.pipeline import DONE_FILE, MODEL_DIR
+    from omni_moe.training.pipeline import DONE_FILE, MODEL_DIR
 
     data, folder = eval_data
     shutil.copytree(folder, tmp_path / "last" / MODEL_DIR)
@@ -223,7 +223,7 @@ def test_eval_examples_is_the_number_of_chat_answers(eval_data, tmp_path, capsys
 
 
 def test_data_synth_makes_the_dataset_it_names(tmp_path):
-    from training.run_folder import prepare_synth_data
+    from omni_moe.training.run_folder import prepare_synth_data
 
     def make(out, seed: int):
         recipe = load_recipe(RECIPE, [*ONE_PROCESS, f"data.synth={{out: {out}, num: 22, seed: {seed}, eval_num: 11, "

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from omni.cli import main
-from training.recipe import RecipeError, load_recipe
-from training.recipe_paths import check_recipe_paths
+from omni_moe.training.recipe import RecipeError, load_recipe
+from omni_moe.training.recipe_paths import check_recipe_paths
 from tests.unit.test_dry_run import QWEN25_7B_INSTRUCT, RECIPE, SIGLIP_SO400M_384, WHISPER_LARGE_V3
 
 TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny_omni.yaml"

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from training import recipe as recipe_module
-from training.recipe import Recipe, RecipeError, load_recipe
+from omni_moe.training import recipe as recipe_module
+from omni_moe.training.recipe import Recipe, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "tests/distributed/loop_recipe.yaml"
-STAGE_MODULES = ("training.stage_spec", "training.freeze")
+STAGE_MODULES = ("omni_moe.training.stage_spec", "omni_moe.training.freeze")
 
 
 def from_stage_modules(name: str):
@@ -313,7 +313,7 @@ def test_data_root_moves_relative_sources_only(tmp_path):
 
 
 def test_nproc_per_node_is_checked_against_the_launcher():
-    from training.build import check_local_world_size
+    from omni_moe.training.build import check_local_world_size
 
     recipe = load_recipe(RECIPE, ["run.nproc_per_node=4"])
     check_local_world_size(recipe, {"LOCAL_WORLD_SIZE": "4"})
@@ -353,7 +353,7 @@ MOE_VALUES = {"router_aux_loss_coef": 0.37, "router_z_loss_coef": 0.0123, "aux_f
 def test_moe_overrides_change_the_model_config():
     import torch
 
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
     from tests.tiny import tiny_config
 
     apply_moe_overrides = from_stage_modules("apply_moe_overrides")
@@ -375,7 +375,7 @@ def test_moe_overrides_change_the_model_config():
 
 
 def test_lora_keys_reach_the_attached_adapter():
-    from modeling.modeling_omni import OmniMoeForCausalLM
+    from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
     from tests.tiny import tiny_config
 
     prepare_model_for_stage = from_stage_modules("prepare_model_for_stage")

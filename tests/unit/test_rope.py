@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
-from modeling.configuration_omni import default_mrope_section
-from modeling.modeling_omni import OmniMoeForCausalLM
-from modeling.rope import OmniRotaryEmbedding, apply_omni_rotary, frequency_components
+from omni_moe.modeling.configuration_omni import default_mrope_section
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.rope import OmniRotaryEmbedding, apply_omni_rotary, frequency_components
 from tests.tiny import tiny_config, tiny_qwen2_config
 
 

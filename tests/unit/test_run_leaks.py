@@ -11,7 +11,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = """
 import os, torch.distributed as dist
-from training.distributed import init_distributed
+from omni_moe.training.distributed import init_distributed
 init_distributed(deepspeed_comm=False)
 inodes = {os.readlink(f"/proc/self/fd/{fd}")[8:-1] for fd in os.listdir("/proc/self/fd")
           if os.path.exists(f"/proc/self/fd/{fd}") and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:[")}
@@ -35,8 +35,8 @@ def test_single_process_group_listens_on_loopback_only():
 
 
 def test_run_recipe_is_written_through_the_secret_scrubber(tmp_path, monkeypatch):
-    from training.recipe import load_recipe
-    from training.run_folder import save_run_recipe
+    from omni_moe.training.recipe import load_recipe
+    from omni_moe.training.run_folder import save_run_recipe
 
     secret = "hf_SECRETvalue0123456789"
     monkeypatch.setenv("HF_TOKEN", secret)

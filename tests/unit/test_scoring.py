@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.scoring import (
+from omni_moe.training.scoring import (
     Prediction,
     exact_match,
     group_scores,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from data.tokenizer import build_bpe_tokenizer
+from omni_moe.data.tokenizer import build_bpe_tokenizer
 from omni.serve_engine import Job, _Row
 from omni.serve_inputs import Prompt
 from tests.tiny import TINY_TEXTS

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import Qwen2ForCausalLM
 
-from modeling.configuration_omni import OmniMoeConfig
-from modeling.experts import SwiGLUMLP
-from modeling.moe import OmniSparseMoeBlock
-from modeling.upcycle import upcycle
+from omni_moe.modeling.configuration_omni import OmniMoeConfig
+from omni_moe.modeling.experts import SwiGLUMLP
+from omni_moe.modeling.moe import OmniSparseMoeBlock
+from omni_moe.modeling.upcycle import upcycle
 from tests.tiny import tiny_qwen2_config
 
 D, FFN, SHARED_FFN = 16, 24, 20

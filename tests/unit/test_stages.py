@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from modeling.media import audio_chunk_count, audio_token_count, image_token_count
-from modeling.modeling_omni import OmniMoeForCausalLM
+from omni_moe.modeling.media import audio_chunk_count, audio_token_count, image_token_count
+from omni_moe.modeling.modeling_omni import OmniMoeForCausalLM
 from tests.tiny import AUDIO_ID, IMAGE_ID, right_padded, tiny_config
-from training.freeze import apply_moe_overrides, apply_stage, trainable_param_groups
-from training.stage_spec import StageConfigError, StageSpec, parse_stages
+from omni_moe.training.freeze import apply_moe_overrides, apply_stage, trainable_param_groups
+from omni_moe.training.stage_spec import StageConfigError, StageSpec, parse_stages
 
 
 def media_batch(config, audio=True, seed=0):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import synth, synth_media
+from omni_moe.data import synth, synth_media
 
 ALL_TASKS = list(synth.TASKS)
 MARKERS = {"images": "<image>", "videos": "<video>", "audios": "<audio>"}
@@ -78,8 +78,8 @@ def check_sample(sample: dict, media_root: Path) -> None:
 
 def test_every_sample_follows_the_format(default_dataset):
     root, splits = default_dataset
-    schema = importlib.util.find_spec("data.schema")
-    validate = getattr(importlib.import_module("data.schema"), "validate_sample", None) if schema else None
+    schema = importlib.util.find_spec("omni_moe.data.schema")
+    validate = getattr(importlib.import_module("omni_moe.data.schema"), "validate_sample", None) if schema else None
     for split, samples in splits.items():
         assert len({s["id"] for s in samples}) == len(samples), f"{split}: duplicate ids"
         for sample in samples:

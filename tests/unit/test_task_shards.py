@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from data.reader import ShardDataset, resolve_shards
-from data.schema import strip_media
+from omni_moe.data.reader import ShardDataset, resolve_shards
+from omni_moe.data.schema import strip_media
 from omni.cli import main
 
 
@@ -49,7 +49,7 @@ def test_strip_media_puts_each_media_description_in_its_markers_place():
 
 
 def test_synthetic_media_samples_describe_their_media_and_the_shards_keep_it(tmp_path):
-    from data.synth import describe_media
+    from omni_moe.data.synth import describe_media
 
     out = tmp_path / "synth"
     assert main(["data", "synth", str(out), "--num", "22", "--eval-num", "11", "--shards-by-task"]) == 0
@@ -73,10 +73,10 @@ def test_synthetic_media_samples_describe_their_media_and_the_shards_keep_it(tmp
 
 
 def test_omni_train_keeps_a_finished_synthetic_dataset_and_refuses_to_remake_it_in_place(tmp_path):
-    from data.synth import SYNTH_VERSION
-    from training.recipe import load_recipe
-    from training.run_folder import READY_FILE, SynthDataConflict, prepare_synth_data
-    from training.run_lock import RunLock, RunLockHeld
+    from omni_moe.data.synth import SYNTH_VERSION
+    from omni_moe.training.recipe import load_recipe
+    from omni_moe.training.run_folder import READY_FILE, SynthDataConflict, prepare_synth_data
+    from omni_moe.training.run_lock import RunLock, RunLockHeld
 
     out = tmp_path / "synth"
     recipe = load_recipe("recipes/tiny_omni.yaml", [f"data.synth.out={out}", "data.synth.num=22",

@@ -12,8 +12,8 @@ import av
 import numpy as np
 import pytest
 
-from data.media import decode_video_container
-from data.quality import (
+from omni_moe.data.media import decode_video_container
+from omni_moe.data.quality import (
     EMPTY_VIDEO,
     VIDEO_DECODE,
     BadSampleError,
@@ -21,9 +21,9 @@ from data.quality import (
     MediaDecoderUnavailable,
     SampleRejected,
 )
-from data.reader import ShardDataset
-from data.shards import build_shards
-from data.testing import sample_json, write, write_raw_shard
+from omni_moe.data.reader import ShardDataset
+from omni_moe.data.shards import build_shards
+from omni_moe.data.testing import sample_json, write, write_raw_shard
 
 LENIENT = DropPolicy(max_drop_rate=None)
 FRAMES, SIZE, FPS, STEP = 6, 32, 10, 4  # the square moves STEP pixels right per frame
