@@ -95,7 +95,7 @@ def test_modeling_is_flat():
 def test_checker_sees_a_violation(tmp_path):
     """The checker itself must flag a bad import (guards against a parser that silently finds nothing)."""
     bad = tmp_path / "bad.py"
-    bad.write_text("import deepspeed\nfrom omni_moe.training.loop import x\nfrom . import sibling\nimport omni_moe.data.schema\n")
+    bad.write_text("import deepspeed\nfrom omni_moe.training.loop import x\nfrom . import sibling\nimport data.schema\n")
     found = {(mod, level) for mod, level, _ in imports_of(bad)}
     assert ("deepspeed", 0) in found and ("omni_moe.training", 0) in found and ("", 1) in found
     assert ("data", 0) in found
