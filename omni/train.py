@@ -11,8 +11,8 @@ through `torchrun --standalone` (the same path multi-node launches take, see lau
 rank on CPU. Before any process starts: the recipe is validated (every key), every path it names is checked
 (training/recipe_paths.py), the output folder is locked (training/run_lock.py: a second run on the folder exits at
 once naming the holder) and the synthetic dataset is made if the recipe asks (training/run_folder.py). Each rank
-then runs `omni_moe.training.pipeline.run_training`; once every stage is done, omni/run_summary.py prints the eval table,
-exports OUTPUT/export and shows a few chat answers.
+then runs `omni_moe.training.pipeline.run_training`; once every stage is done, omni/run_summary.py prints the eval
+table, exports OUTPUT/export and shows a few chat answers.
 """
 
 from __future__ import annotations

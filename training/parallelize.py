@@ -1,7 +1,8 @@
 """`parallelize`: everything distributed is applied here, once, in one fixed order.
 
     1. shard experts       each rank keeps its EP rank's experts (global ids rank::ep_size), creating the
-                           expert-parallel and expert-data-parallel groups (training/expert_parallel.py)
+                           expert-parallel and expert-data-parallel groups with the run's timeout
+                           (training/deepspeed_moe.py, training/expert_parallel.py)
     2. stage model         the stage's MoE overrides and LoRA (PEFT) -- adapters land on the LOCAL experts, so this
                            comes after sharding; LoRA replaces parameters, so it comes before any hook or tag
     3. freeze plan         what the stage does not train: requires_grad off, row masks on partly frozen fused
@@ -9,7 +10,8 @@
                            a MoE group, because DeepSpeed's ZeRO-1/2 and bf16 optimizers assert one exists
     4. tag MoE params      every parameter inside the experts (LoRA factors included) `allreduce=False` with its
                            expert group's name: reduced over the expert-data-parallel group, not the world
-    5. DeepSpeed markers   a parameter-less `deepspeed.moe.layer.MoE` child per MoE block (DeepSpeed's MoE switch; training/deepspeed_moe.py)
+    5. DeepSpeed markers   a parameter-less `deepspeed.moe.layer.MoE` child per MoE block (DeepSpeed's MoE
+                           switch; training/deepspeed_moe.py)
     6. activation ckpt     non-reentrant recomputation per decoder layer
     7. engine              optimizer groups (decay / no decay / routers / masked experts, split into MoE groups),
                            `deepspeed.initialize` with the stage's LR schedule (training/lr_schedule.py), the MoE
