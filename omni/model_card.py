@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 
 from omni.loading import RunLocation
+from omni_moe.training.pipeline import DONE_FILE
 from omni_moe.training.stage_eval import EVAL_FILE
 
-DONE_FILE = "DONE.json"  # training/pipeline.py
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

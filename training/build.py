@@ -22,10 +22,8 @@ from typing import Any
 import torch
 
 from .distributed import barrier, get_rank, get_world_size
-from .recipe import Recipe, RecipeError
+from .recipe import UPCYCLE_OPTIONS, Recipe, RecipeError
 
-# upcycle() arguments that are not OmniMoeConfig fields
-UPCYCLE_OPTIONS = ("dense_path", "vision_path", "audio_path", "expert_init", "noise_std", "seed")
 DENSE_LLM_FIXED = {"moe_layers": "none", "modalities": ["text"], "num_intra_experts": 0, "num_inter_experts": 0,
                    "num_shared_experts": 0, "num_null_experts": 0, "vision_config": None, "audio_config": None}
 

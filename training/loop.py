@@ -36,6 +36,7 @@ from .engine_checkpoint import latest_training_checkpoint, load_training_checkpo
 from .failure_watch import PeerFailureWatch
 from .metrics import LossSpikeDetector, MetricsWriter, RouterHealth, router_scalars
 from .parallelize import Parallelized
+from .rank_agreement import comm_device
 from .recipe import TrainSection
 from .resume_config import check_resume_config
 from .lora import unwrap_model
@@ -224,7 +225,7 @@ class StepLosses:
         """Collective. Returns the last step's loss."""
         values = torch.stack([loss for _, loss in self.pending])
         if dist.is_initialized():
-            values = values.to(_comm_device())
+            values = values.to(comm_device())
             dist.all_reduce(values)
             values /= dist.get_world_size()
         steps = [step for step, _ in self.pending]
@@ -275,12 +276,6 @@ def _update_aux_free_biases(model: torch.nn.Module, loads: torch.Tensor) -> None
         dist.all_reduce(loads)
     for block, layer_loads in zip(unwrap_model(model).moe_blocks, loads, strict=True):
         block.update_aux_free_bias(layer_loads)
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _item(value: Any) -> float | None:
